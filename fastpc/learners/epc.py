@@ -1,0 +1,99 @@
+"""ePC: error-based predictive coding (PAPERS.md §2)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import energy as E
+from ..nets import frozen_batchnorm_stats
+from . import register_learner
+from .base import Learner, _check, descend
+
+
+@register_learner("epc")
+class EPC(Learner):
+    """Error-based PC. The variables are the errors ε_1..ε_{L-1}; states are rebuilt by the
+    perturbed forward pass s_i = f_i(s_{i-1}) + ε_i, so the output signal reaches every layer
+    in one backward pass. ``iters`` SGD steps of size ``state_lr`` (η_e) on
+    E(ε) = ½Σ‖ε_i‖² + ℓ(ŷ(ε), y), starting from the errors of the ``init`` states (zero for
+    the FF state). Then the shared local weight update.
+
+    ``rescale=True`` is the reference code's energy-scale rule: the weight loss is also divided
+    by min(1, η_e·T), undoing the small-error scale (matters with SGD, not with Adam).
+    ``safeguard=True`` (per-sample backtracking: no step may raise a sample's energy) keeps
+    fixed-step inference stable when training grows the deep Jacobian.
+    """
+
+    def __init__(
+        self,
+        net,
+        loss="ce",
+        optimizer=None,
+        init="forward",
+        iters: int = 5,
+        state_lr: float = 0.1,
+        momentum: float = 0.0,
+        rescale: bool = False,
+        safeguard: bool = False,
+    ):
+        super().__init__(net, loss=loss, optimizer=optimizer, init=init)
+        _check(int(iters) == iters and iters >= 0, f"iters must be an integer >= 0, got {iters}")
+        _check(state_lr > 0, f"state_lr must be > 0, got {state_lr}")
+        _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
+        self.rescale, self.safeguard = bool(rescale), bool(safeguard)
+
+    def options(self):
+        return {
+            **super().options(),
+            "iters": self.iters,
+            "state_lr": self.state_lr,
+            "momentum": self.momentum,
+            "rescale": self.rescale,
+            "safeguard": self.safeguard,
+        }
+
+    def _states_from_errors(self, x, mu1, errs):
+        """s_1 = f_1(x) + ε_1, s_i = f_i(s_{i-1}) + ε_i; returns (states, output)."""
+        states = [mu1 + errs[0]]
+        for block, eps in zip(self.blocks[1:-1], errs[1:]):
+            states.append(block(states[-1]) + eps)
+        return states, self.blocks[-1](states[-1])
+
+    def _relax(self, x, y, ff_states, out, trace, callback=None):
+        states0 = self.init(ff_states, x, y)
+        if not states0:
+            return self._equilibrium(x, y, [], 0, [] if trace else None)
+        mu1 = ff_states[0].detach()
+        with frozen_batchnorm_stats(self.net), torch.no_grad():
+            # errors of the initial states (all zero for the FF state)
+            errs0 = [states0[0] - mu1] + [
+                s - b(p) for b, p, s in zip(self.blocks[1:-1], states0[:-1], states0[1:])
+            ]
+
+        def energy_fn(errs):
+            _, o = self._states_from_errors(x, mu1, errs)
+            e_b = E.output_cost_per_sample(o, y, self.loss)
+            for eps in errs:
+                e_b = e_b + E.error_energy_per_sample(eps)
+            return e_b, errs, o
+
+        def after_step(t, errs):
+            with torch.no_grad():
+                return callback(t, self._states_from_errors(x, mu1, errs)[0])
+
+        with frozen_batchnorm_stats(self.net):
+            errs, traces, iters = descend(
+                errs0, energy_fn, y, self.loss, self.iters, self.state_lr,
+                momentum=self.momentum, safeguard=self.safeguard, trace=trace,
+                after_step=None if callback is None else after_step,
+            )
+            with torch.no_grad():
+                states, _ = self._states_from_errors(x, mu1, errs)
+        return self._equilibrium(x, y, states, iters, traces)
+
+    def _weight_scale(self, B):
+        scale = 1.0 / B
+        if self.rescale:
+            scale /= min(1.0, self.state_lr * self.iters) if self.iters > 0 else 1.0
+        return scale

@@ -1,0 +1,114 @@
+"""sPC: state-based predictive coding, a.k.a. inference learning (PAPERS.md §1), and iPC."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import energy as E
+from ..nets import frozen_batchnorm_stats
+from . import register_learner
+from .base import Learner, StepResult, _check, descend
+
+
+@register_learner("spc")
+class SPC(Learner):
+    """State-based PC. Inference: ``iters`` steps of gradient descent on E w.r.t. the hidden
+    states s_1..s_{L-1} (step ``state_lr`` = λ, optional ``momentum``, or Adam with
+    ``state_optimizer="adam"``), from the states ``init`` gives (FF state by default). Then the
+    local weight update. ``incremental=True`` is iPC: a weight step after every inference step.
+    ``safeguard=True`` backtracks any step that raises a sample's energy.
+    """
+
+    def __init__(
+        self,
+        net,
+        loss="ce",
+        optimizer=None,
+        init="forward",
+        iters: int = 5,
+        state_lr: float = 0.1,
+        momentum: float = 0.0,
+        state_optimizer: str = "sgd",
+        incremental: bool = False,
+        safeguard: bool = False,
+    ):
+        super().__init__(net, loss=loss, optimizer=optimizer, init=init)
+        _check(int(iters) == iters and iters >= 0, f"iters must be an integer >= 0, got {iters}")
+        _check(state_lr > 0, f"state_lr must be > 0, got {state_lr}")
+        _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        _check(state_optimizer in ("sgd", "adam"), f"state_optimizer must be 'sgd' or 'adam', got {state_optimizer!r}")
+        _check(not (safeguard and state_optimizer == "adam"), "safeguard works with state_optimizer='sgd' only")
+        self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
+        self.state_optimizer, self.incremental, self.safeguard = state_optimizer, bool(incremental), bool(safeguard)
+
+    def options(self):
+        return {
+            **super().options(),
+            "iters": self.iters,
+            "state_lr": self.state_lr,
+            "momentum": self.momentum,
+            "state_optimizer": self.state_optimizer,
+            "incremental": self.incremental,
+            "safeguard": self.safeguard,
+        }
+
+    def _energy_fn(self, x, y):
+        blocks = self.blocks
+        mu1 = blocks[0](x).detach() if len(blocks) > 1 else None  # the clamped input's prediction
+
+        def energy_fn(states):
+            preds = [mu1] + [b(s) for b, s in zip(blocks[1:-1], states[:-1])]
+            out = blocks[-1](states[-1] if states else x)
+            errs = E.errors(states, preds)
+            e_b = E.output_cost_per_sample(out, y, self.loss)
+            for eps in errs:
+                e_b = e_b + E.error_energy_per_sample(eps)
+            return e_b, errs, out
+
+        return energy_fn
+
+    def _relax(self, x, y, ff_states, out, trace, callback=None):
+        states0 = self.init(ff_states, x, y)
+        if not states0:  # a single block: nothing to infer
+            return self._equilibrium(x, y, [], 0, [] if trace else None)
+        with frozen_batchnorm_stats(self.net):
+            states, traces, iters = descend(
+                states0,
+                self._energy_fn(x, y),
+                y,
+                self.loss,
+                self.iters,
+                self.state_lr,
+                momentum=self.momentum,
+                optimizer=self.state_optimizer,
+                safeguard=self.safeguard,
+                trace=trace,
+                after_step=None if callback is None else (lambda t, vs: callback(t, [v.detach() for v in vs])),
+            )
+        return self._equilibrium(x, y, states, iters, traces)
+
+    def step(self, x, y):
+        if not self.incremental:
+            return super().step(x, y)
+        if self.optimizer is None:
+            raise ValueError("step() needs an optimizer: pass optimizer=... to make_learner")
+        ff_states, out = self._feedforward(x)
+
+        def weight_step(t, states):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._weight_grads(x, y, _States(states))
+            self.optimizer.step()
+
+        eq = self._relax(x, y, ff_states, out, False, callback=weight_step)
+        self.init.observe(x, y, eq.states)
+        B = y.shape[0]
+        return StepResult(
+            loss=E.output_cost(out, y, self.loss) / B, output=out, energy=eq.energy / B, equilibrium=eq
+        )
+
+
+class _States:
+    """The minimal equilibrium view ``_weight_grads`` reads (iPC updates mid-inference)."""
+
+    def __init__(self, states):
+        self.states = [s.detach() for s in states]
