@@ -23,6 +23,7 @@ __all__ = [
     "error_energy_per_sample",
     "energy",
     "layer_energies",
+    "layer_energies_per_sample",
     "local_energy",
 ]
 
@@ -85,6 +86,15 @@ def energy(errs: Sequence[torch.Tensor], yhat: torch.Tensor, y: torch.Tensor, lo
     for eps in errs:
         e = e + 0.5 * eps.pow(2).sum()
     return e
+
+
+def layer_energies_per_sample(
+    errs: Sequence[torch.Tensor], yhat: torch.Tensor, y: torch.Tensor, loss: str
+) -> torch.Tensor:
+    """Per-sample, per-layer energies [½‖ε_1‖², …, ½‖ε_{L-1}‖², ℓ(ŷ, y)], shape (B, L)."""
+    parts = [error_energy_per_sample(eps.detach()) for eps in errs]
+    parts.append(output_cost_per_sample(yhat.detach(), y, loss))
+    return torch.stack(parts, dim=1)
 
 
 def layer_energies(

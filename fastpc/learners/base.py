@@ -121,13 +121,16 @@ def descend(
         prev_v: list[torch.Tensor] | None = None
         prev_g: list[torch.Tensor] = []
         prev_e = torch.empty(0)
+        prev_parts = torch.empty(0)
         tol = 8 * torch.finfo(vs[0].dtype).eps
     for t in range(iters):
         with torch.enable_grad():
             e_b, errs, out = energy_fn(vs)
             grads = list(torch.autograd.grad(e_b.sum(), vs))
         if traces is not None:
-            traces.append(E.layer_energies(errs, out, y, loss))
+            parts = E.layer_energies_per_sample(errs, out, y, loss) if safeguard else None
+            if not safeguard:
+                traces.append(E.layer_energies(errs, out, y, loss))
         with torch.no_grad():
             if safeguard:
                 e_b = e_b.detach()
@@ -139,6 +142,11 @@ def descend(
                         g.copy_(torch.where(k, pg, g))
                     e_b = torch.where(rose, prev_e, e_b)
                     step = torch.where(rose, step * 0.5, step)
+                    if parts is not None:
+                        parts = torch.where(rose[:, None], prev_parts, parts)
+                if parts is not None:
+                    traces.append(parts.sum(0))
+                    prev_parts = parts
                     if vel is not None:
                         for m, k in zip(vel, keep):
                             m.masked_fill_(k, 0.0)
