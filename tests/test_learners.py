@@ -1,0 +1,202 @@
+"""Every registered learner against one contract (DESIGN.md), parametrized over the registry."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fastpc as fpc
+
+LEARNERS = fpc.list_learners()
+
+
+def _problem(dtype=torch.float32, seed=0, B=32):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(4, 10, generator=g) * 2
+    y = torch.randint(0, 4, (B,), generator=g)
+    x = centers[y] + 0.3 * torch.randn(B, 10, generator=g)
+    return x.to(dtype), y
+
+
+def _learner(name, net, lr=3e-3, **options):
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    if name == "bp":
+        options = {}
+    else:
+        options.setdefault("iters", 5)
+        options.setdefault("state_lr", 0.1)
+    return fpc.make_learner(name, net, optimizer=opt, **options)
+
+
+def test_registry_lists_the_core_learners():
+    assert {"bp", "spc", "epc"} <= set(LEARNERS)
+    with pytest.raises(ValueError, match="unknown learner 'nope'"):
+        fpc.make_learner("nope", fpc.mlp([2, 2]))
+    with pytest.raises(ValueError, match="has no option"):
+        fpc.make_learner("bp", fpc.mlp([2, 2]), iters=3)
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_loss_falls_on_a_tiny_problem(name):
+    torch.manual_seed(0)
+    net = fpc.mlp([10, 32, 32, 4])
+    learner = _learner(name, net)
+    x, y = _problem()
+    first = torch.nn.functional.cross_entropy(net(x), y).item()
+    for _ in range(60):
+        result = learner.step(x, y)
+    last = torch.nn.functional.cross_entropy(net(x), y).item()
+    assert last < 0.5 * first, (first, last)
+    assert isinstance(result, fpc.StepResult) and result.output.shape == (32, 4)
+    assert result.loss.ndim == 0 and torch.isfinite(result.energy)
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_state_dict_round_trips(name):
+    torch.manual_seed(0)
+    x, y = _problem()
+    a = _learner(name, fpc.mlp([10, 16, 16, 4]))
+    for _ in range(3):
+        a.step(x, y)
+    state = copy.deepcopy(a.state_dict())
+    torch.manual_seed(1)
+    b = _learner(name, fpc.mlp([10, 16, 16, 4]))
+    b.load_state_dict(state)
+    for pa, pb in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(pa, pb)
+    # identical continuation: the optimizer state came along too
+    a.step(x, y)
+    b.step(x, y)
+    for pa, pb in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(pa, pb)
+    assert state["learner"] == name and state["options"] == a.options()
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_fixed_seed_reproduces_bit_for_bit(name):
+    def run():
+        torch.manual_seed(123)
+        net = fpc.mlp([10, 16, 16, 4])
+        learner = _learner(name, net)
+        x, y = _problem()
+        losses = [learner.step(x, y).loss for _ in range(4)]
+        return torch.stack(losses), [p.detach().clone() for p in net.parameters()]
+
+    (l1, p1), (l2, p2) = run(), run()
+    assert torch.equal(l1, l2)
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+def test_float64_works(name):
+    torch.manual_seed(0)
+    net = fpc.mlp([10, 16, 16, 4]).double()
+    learner = _learner(name, net)
+    x, y = _problem(torch.float64)
+    result = learner.step(x, y)
+    assert result.loss.dtype == torch.float64 and result.output.dtype == torch.float64
+    eq = learner.infer(x, y, trace=True)
+    assert all(s.dtype == torch.float64 for s in eq.states)
+    assert all(g.dtype == torch.float64 for g in learner.grads(x, y).values())
+
+
+@pytest.mark.parametrize("name", LEARNERS)
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: fpc.vgg("vgg5", in_channels=1, num_classes=4, image_size=16, width_mult=1 / 32),
+        lambda: fpc.resnet("resnet18", in_channels=1, num_classes=4, image_size=8, width_mult=1 / 16),
+    ],
+    ids=["vgg5", "resnet18"],
+)
+def test_conv_and_residual_builders_run_forward_and_a_step(name, build):
+    torch.manual_seed(0)
+    net = build()
+    x = torch.randn(4, 1, 16, 16)
+    y = torch.tensor([0, 1, 2, 3])
+    assert net(x).shape == (4, 4)
+    # iters ≥ depth: sPC's signal needs one step per block to reach the bottom (§1)
+    learner = _learner(name, net, iters=net.depth)
+    grads = learner.grads(x, y)
+    assert grads.keys() == dict(net.named_parameters()).keys()
+    assert all(g.abs().sum() > 0 for g in grads.values()), "every parameter gets a gradient"
+    before = [p.detach().clone() for p in net.blocks[-1].parameters()]
+    result = learner.step(x, y)
+    assert torch.isfinite(result.loss)
+    # (sPC's bottom-block gradients are ~1e-11 here, its signal decay, so only the top is
+    # guaranteed to move in float32)
+    assert all(not torch.equal(b, p) for b, p in zip(before, net.blocks[-1].parameters()))
+
+
+@pytest.mark.parametrize("name", ["spc", "epc"])
+def test_grads_are_what_step_applies(name):
+    torch.manual_seed(0)
+    net = fpc.mlp([10, 16, 16, 4]).double()
+    x, y = _problem(torch.float64)
+    learner = fpc.make_learner(name, net, iters=4, state_lr=0.1,
+                               optimizer=torch.optim.SGD(net.parameters(), lr=0.5))
+    g = learner.grads(x, y)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    learner.step(x, y)
+    for n, p in net.named_parameters():
+        assert_close(p.detach(), before[n] - 0.5 * g[n])
+
+
+def test_two_learners_train_copies_of_one_net_without_changing_structure():
+    torch.manual_seed(0)
+    net = fpc.mlp([10, 16, 4])
+    twin = copy.deepcopy(net)
+    structure = str(net)
+    a, b = _learner("epc", net), _learner("bp", twin)
+    x, y = _problem()
+    a.step(x, y)
+    b.step(x, y)
+    assert str(net) == structure == str(twin)
+
+
+def test_incremental_spc_takes_a_weight_step_per_inference_step():
+    torch.manual_seed(0)
+    net = fpc.mlp([10, 16, 16, 4]).double()
+    x, y = _problem(torch.float64)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    steps = []
+    orig = opt.step
+    opt.step = lambda *a, **k: (steps.append(1), orig(*a, **k))[1]
+    learner = fpc.make_learner("spc", net, iters=4, incremental=True, optimizer=opt)
+    learner.step(x, y)
+    assert len(steps) == 4
+
+
+def test_state_optimizer_adam_and_momentum_lower_the_energy():
+    torch.manual_seed(0)
+    net = fpc.mlp([10, 16, 16, 4]).double()
+    x, y = _problem(torch.float64)
+    for opts in ({"state_optimizer": "adam", "state_lr": 0.05}, {"momentum": 0.5, "state_lr": 0.1}):
+        eq = fpc.make_learner("spc", net, iters=20, **opts).infer(x, y, trace=True)
+        assert eq.trace[-1] < 0.7 * eq.trace[0], opts
+
+
+@pytest.mark.parametrize("name", ["spc", "epc"])
+def test_safeguard_never_lets_the_energy_rise(name):
+    """With a step far past the stability limit plain descent blows up; the safeguarded one
+    is monotone and still descends."""
+    torch.manual_seed(0)
+    net = fpc.mlp([10, 32, 32, 32, 4]).double()
+    x, y = _problem(torch.float64)
+    plain = fpc.make_learner(name, net, iters=15, state_lr=5.0).infer(x, y, trace=True)
+    safe = fpc.make_learner(name, net, iters=15, state_lr=5.0, safeguard=True).infer(x, y, trace=True)
+    assert plain.trace.max() > 10 * plain.trace[0]
+    assert torch.all(safe.trace[1:] <= safe.trace[:-1] * (1 + 1e-12))
+    assert safe.trace[-1] < 0.9 * safe.trace[0]
+    assert_close(safe.energy, safe.trace[-1])
+
+
+def test_callback_stops_inference_early():
+    net = fpc.mlp([10, 16, 16, 4])
+    x, y = _problem()
+    seen = []
+    eq = fpc.make_learner("epc", net, iters=50).infer(x, y, callback=lambda t, s: seen.append(t) or t == 7)
+    assert seen == list(range(1, 8)) and eq.iters == 7
