@@ -19,6 +19,8 @@ import numpy as np
 
 from fastpc.errors import UserError
 
+from .sources import one_line
+
 __all__ = ["CIFAR_LAYOUT", "SafeUnpickler", "find_cifar_dir", "load_cifar", "safe_load_pickle"]
 
 # name -> (folder, train files, test files, label key, label-names meta file, meta key)
@@ -72,14 +74,14 @@ def safe_load_pickle(path: str | Path) -> object:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read {path}: {one_line(e.strerror or e)}") from None
     try:
         return SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path} is not a safe data pickle ({e}); expected the official CIFAR "
+        raise UserError(f"{path} is not a safe data pickle ({one_line(e)}); expected the official CIFAR "
                         "python batches holding only dicts, lists and numpy arrays") from None
     except Exception as e:  # truncated/garbled data raises many different types
-        raise UserError(f"{path} is not a readable pickle ({type(e).__name__}: {e}); "
+        raise UserError(f"{path} is not a readable pickle ({type(e).__name__}: {one_line(e)}); "
                         "replace it with an intact copy") from None
 
 

@@ -114,7 +114,7 @@ def _locate(spec: sources.DatasetSpec, root, split: str, download: bool):
             sources.fetch(spec.name, dest)
         except sources.DownloadError as e:
             raise UserError(f"{spec.name} {split} data not found (searched: {searched}) and downloading "
-                            f"failed ({e}); {_how_to_get(spec, False)}") from None
+                            f"failed ({sources.one_line(e)}); {_how_to_get(spec, True)}") from None
         found = _match(spec, dest, split)
         if found is not None:
             return found, dest

@@ -12,6 +12,8 @@ import numpy as np
 
 from fastpc.errors import UserError
 
+from .sources import one_line
+
 __all__ = ["IDX_FILES", "find_idx_files", "read_idx", "read_idx_pair"]
 
 # IDX type byte -> numpy dtype (big-endian as stored on disk).
@@ -57,12 +59,12 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise UserError(f"cannot read IDX file {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read IDX file {path}: {one_line(e.strerror or e)}") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:
-            raise UserError(f"IDX file {path} is a damaged or truncated gzip file ({e}); "
+            raise UserError(f"IDX file {path} is a damaged or truncated gzip file ({one_line(e)}); "
                             "replace it with an intact copy") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES or not 1 <= raw[3] <= 4:
         magic = raw[:4].hex() if len(raw) >= 4 else raw.hex() or "<empty>"

@@ -18,6 +18,8 @@ from PIL import Image, UnidentifiedImageError
 
 from fastpc.errors import UserError
 
+from .sources import one_line
+
 __all__ = ["IMAGE_EXTENSIONS", "find_split_dir", "list_classes", "load_image_folder", "parse_image_size"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"})
@@ -55,7 +57,7 @@ def list_classes(split_dir: Path) -> list[str]:
     try:
         classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     except OSError as e:
-        raise UserError(f"cannot list {split_dir}: {e.strerror or e}") from None
+        raise UserError(f"cannot list {split_dir}: {one_line(e.strerror or e)}") from None
     return classes
 
 
@@ -97,7 +99,7 @@ def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
                 im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"cannot decode image {path} ({e}); remove it or replace it with a valid image") from None
+        raise UserError(f"cannot decode image {path} ({one_line(e)}); remove it or replace it with a valid image") from None
 
 
 def load_image_folder(split_dir: Path, classes: list[str], image_size: tuple[int, int] | None = None,

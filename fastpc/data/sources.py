@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import http.client
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "download_dir",
     "fetch",
     "md5sum",
+    "one_line",
     "search_paths",
 ]
 
@@ -168,6 +170,11 @@ SYSTEM_PATHS: dict[str, Path] = {
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
+def one_line(e: object) -> str:
+    """``str(e)`` with all whitespace runs (newlines included) collapsed, for one-line errors."""
+    return " ".join(str(e).split())
+
+
 def check_name(name: object) -> str:
     """Return the canonical dataset name (case and ``_``/``-`` insensitive) or raise UserError."""
     key = str(name).strip().lower().replace("_", "-") if isinstance(name, str) else None
@@ -239,7 +246,7 @@ def download(url: str, dest: str | os.PathLike, md5: str | None,
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     except OSError as e:
-        raise DownloadError(f"cannot write to {dest.parent}: {e.strerror or e}; "
+        raise DownloadError(f"cannot write to {dest.parent}: {one_line(e.strerror or e)}; "
                             "choose a writable data.root or $FASTPC_DATA") from None
     tmp = Path(tmp_name)
     ok = False
@@ -250,9 +257,11 @@ def download(url: str, dest: str | os.PathLike, md5: str | None,
                 while block := resp.read(1 << 20):
                     h.update(block)
                     out.write(block)
+        except urllib.error.HTTPError as e:
+            raise DownloadError(f"download of {url} failed: HTTP {e.code} {e.reason}") from None
         except (OSError, http.client.HTTPException, ValueError) as e:
             reason = getattr(e, "reason", None) or e
-            raise DownloadError(f"download of {url} failed: {reason}") from None
+            raise DownloadError(f"download of {url} failed: {one_line(reason)}") from None
         got = h.hexdigest()
         if md5 is not None and got != md5.lower():
             raise UserError(f"checksum mismatch for {dest.name} downloaded from {url}: "
@@ -292,7 +301,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
             else:  # pragma: no cover - Python < 3.11.4
                 tar.extractall(dest, members=members)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise UserError(f"cannot extract {archive}: {e}; delete it and download again") from None
+        raise UserError(f"cannot extract {archive}: {one_line(e)}; delete it and download again") from None
 
 
 def fetch(name: str, dest_dir: str | os.PathLike, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
