@@ -180,18 +180,23 @@ def test_state_optimizer_adam_and_momentum_lower_the_energy():
 
 
 @pytest.mark.parametrize("name", ["spc", "epc"])
-def test_safeguard_never_lets_the_energy_rise(name):
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_safeguard_never_lets_the_energy_rise(name, momentum):
     """With a step far past the stability limit plain descent blows up; the safeguarded one
     is monotone and still descends."""
     torch.manual_seed(0)
     net = fpc.mlp([10, 32, 32, 32, 4]).double()
     x, y = _problem(torch.float64)
-    plain = fpc.make_learner(name, net, iters=15, state_lr=5.0).infer(x, y, trace=True)
-    safe = fpc.make_learner(name, net, iters=15, state_lr=5.0, safeguard=True).infer(x, y, trace=True)
+    opts = dict(iters=15, state_lr=5.0, momentum=momentum)
+    plain = fpc.make_learner(name, net, **opts).infer(x, y, trace=True)
+    learner = fpc.make_learner(name, net, safeguard=True, **opts)
+    safe = learner.infer(x, y, trace=True)
     assert plain.trace.max() > 10 * plain.trace[0]
     assert torch.all(safe.trace[1:] <= safe.trace[:-1] * (1 + 1e-12))
     assert safe.trace[-1] < 0.9 * safe.trace[0]
     assert_close(safe.energy, safe.trace[-1])
+    # untraced inference (what step() runs) ends at the same equilibrium
+    assert_close(learner.infer(x, y).energy, safe.energy)
 
 
 def test_callback_stops_inference_early():

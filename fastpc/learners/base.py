@@ -127,9 +127,11 @@ def descend(
         with torch.enable_grad():
             e_b, errs, out = energy_fn(vs)
             grads = list(torch.autograd.grad(e_b.sum(), vs))
+        parts = None
         if traces is not None:
-            parts = E.layer_energies_per_sample(errs, out, y, loss) if safeguard else None
-            if not safeguard:
+            if safeguard:  # per sample, so rejected samples can keep their accepted energies
+                parts = E.layer_energies_per_sample(errs, out, y, loss)
+            else:
                 traces.append(E.layer_energies(errs, out, y, loss))
         with torch.no_grad():
             if safeguard:
@@ -142,14 +144,14 @@ def descend(
                         g.copy_(torch.where(k, pg, g))
                     e_b = torch.where(rose, prev_e, e_b)
                     step = torch.where(rose, step * 0.5, step)
+                    if vel is not None:  # a rejected sample restarts its momentum
+                        for m, k in zip(vel, keep):
+                            m.masked_fill_(k, 0.0)
                     if parts is not None:
                         parts = torch.where(rose[:, None], prev_parts, parts)
                 if parts is not None:
                     traces.append(parts.sum(0))
                     prev_parts = parts
-                    if vel is not None:
-                        for m, k in zip(vel, keep):
-                            m.masked_fill_(k, 0.0)
                 prev_v = [v.detach().clone() for v in vs]
                 prev_g, prev_e = grads, e_b
             if optimizer == "adam":
