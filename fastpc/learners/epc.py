@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 
 from .. import energy as E
+from .. import fast as _fast
+from ..init import ForwardInit
 from ..nets import frozen_batchnorm_stats
 from . import register_learner
 from .base import Learner, _check, descend
 
 
 @register_learner("epc")
-class EPC(Learner):
+class EPC(_fast.FastPath, Learner):
     """Error-based PC. The variables are the errors ε_1..ε_{L-1}; states are rebuilt by the
     perturbed forward pass s_i = f_i(s_{i-1}) + ε_i, so the output signal reaches every layer
     in one backward pass. ``iters`` SGD steps of size ``state_lr`` (η_e) on
@@ -22,6 +24,8 @@ class EPC(Learner):
     by min(1, η_e·T), undoing the small-error scale (matters with SGD, not with Adam).
     ``safeguard=True`` (per-sample backtracking: no step may raise a sample's energy) keeps
     fixed-step inference stable when training grows the deep Jacobian.
+    ``fast`` ("auto", True, False): the analytic fast path of :mod:`fastpc.fast` for MLP nets
+    (not with safeguard); same numbers.
     """
 
     def __init__(
@@ -35,6 +39,7 @@ class EPC(Learner):
         momentum: float = 0.0,
         rescale: bool = False,
         safeguard: bool = False,
+        fast: bool | str = "auto",
     ):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init)
         _check(int(iters) == iters and iters >= 0, f"iters must be an integer >= 0, got {iters}")
@@ -42,6 +47,10 @@ class EPC(Learner):
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
         self.rescale, self.safeguard = bool(rescale), bool(safeguard)
+        self._init_fast(fast)
+
+    def _fast_conflict(self):
+        return "safeguard=True is not covered by the fast path" if self.safeguard else None
 
     def options(self):
         return {
@@ -64,6 +73,19 @@ class EPC(Learner):
         states0 = self.init(ff_states, x, y)
         if not states0:
             return self._equilibrium(x, y, [], 0, [] if trace else None)
+        run = self._fast_run
+        if run is not None and run.x is x:
+            errs0 = None
+            if type(self.init) is not ForwardInit:
+                with torch.no_grad():  # errors of the initial states
+                    errs0 = [states0[0] - run.o[1]] + [
+                        s - b(p) for b, p, s in zip(self.blocks[1:-1], states0[:-1], states0[1:])
+                    ]
+            states, traces, iters, final = _fast.epc_relax(
+                run, errs0, y, self.loss, self.iters, self.state_lr,
+                momentum=self.momentum, trace=trace, callback=callback,
+            )
+            return self._fast_equilibrium(run, states, traces, iters, final)
         mu1 = ff_states[0].detach()
         with frozen_batchnorm_stats(self.net), torch.no_grad():
             # errors of the initial states (all zero for the FF state)

@@ -5,18 +5,22 @@ from __future__ import annotations
 import torch
 
 from .. import energy as E
+from .. import fast as _fast
+from ..init import ForwardInit
 from ..nets import frozen_batchnorm_stats
 from . import register_learner
 from .base import Learner, StepResult, _check, descend
 
 
 @register_learner("spc")
-class SPC(Learner):
+class SPC(_fast.FastPath, Learner):
     """State-based PC. Inference: ``iters`` steps of gradient descent on E w.r.t. the hidden
     states s_1..s_{L-1} (step ``state_lr`` = λ, optional ``momentum``, or Adam with
     ``state_optimizer="adam"``), from the states ``init`` gives (FF state by default). Then the
     local weight update. ``incremental=True`` is iPC: a weight step after every inference step.
     ``safeguard=True`` backtracks any step that raises a sample's energy.
+    ``fast`` ("auto", True, False): the analytic fast path of :mod:`fastpc.fast` for MLP nets
+    with SGD/momentum state updates (not safeguard, Adam or incremental); same numbers.
     """
 
     def __init__(
@@ -31,6 +35,7 @@ class SPC(Learner):
         state_optimizer: str = "sgd",
         incremental: bool = False,
         safeguard: bool = False,
+        fast: bool | str = "auto",
     ):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init)
         _check(int(iters) == iters and iters >= 0, f"iters must be an integer >= 0, got {iters}")
@@ -40,6 +45,16 @@ class SPC(Learner):
         _check(not (safeguard and state_optimizer == "adam"), "safeguard works with state_optimizer='sgd' only")
         self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
         self.state_optimizer, self.incremental, self.safeguard = state_optimizer, bool(incremental), bool(safeguard)
+        self._init_fast(fast)
+
+    def _fast_conflict(self):
+        if self.safeguard:
+            return "safeguard=True is not covered by the fast path"
+        if self.state_optimizer != "sgd":
+            return f"state_optimizer={self.state_optimizer!r} is not covered by the fast path"
+        if self.incremental:
+            return "incremental=True (iPC) is not covered by the fast path"
+        return None
 
     def options(self):
         return {
@@ -71,6 +86,14 @@ class SPC(Learner):
         states0 = self.init(ff_states, x, y)
         if not states0:  # a single block: nothing to infer
             return self._equilibrium(x, y, [], 0, [] if trace else None)
+        run = self._fast_run
+        if run is not None and run.x is x:
+            states, traces, iters, final = _fast.spc_relax(
+                run, [s.detach() for s in states0], y, self.loss, self.iters, self.state_lr,
+                momentum=self.momentum, trace=trace, callback=callback,
+                from_ff=type(self.init) is ForwardInit,
+            )
+            return self._fast_equilibrium(run, states, traces, iters, final)
         with frozen_batchnorm_stats(self.net):
             states, traces, iters = descend(
                 states0,

@@ -1,0 +1,436 @@
+"""``fastpc bench speed``: how fast fastpc trains a PCN (issue 5; issue 2 item 8).
+
+All in one process, on the same data in the same order, algorithms interleaved within every
+repeat (median over repeats), so ratios come from one run on one machine:
+
+- Fashion-MNIST MLPs 4×128 and 20×128 (GELU, batch 128, T = 5, CE, AdamW): seconds per epoch
+  and steps per second of bp, spc, epc (fast path) and of spc / epc on the generic autograd
+  path; every ratio to bp; spc ÷ PCX when a PCX interpreter is given (``--pcx-python`` or
+  ``FASTPC_PCX_PYTHON``; PCX runs ``benchmarks/pcx_speed.py`` in its own environment on the
+  same batches); epc ÷ bp against the ratio of their analytic FLOP counts.
+- A wide MLP (4 layers × 1024, batch 256): achieved GFLOP/s of a spc / epc training step
+  against the machine's measured fp32 matmul rate.
+- VGG-5 (``width_mult`` shrunk for a CPU) on Fashion-MNIST: bp, spc, epc per epoch.
+
+FLOPs are counted analytically: 2·m·k·n per matrix product (elementwise work and the optimizer
+are not counted). For spc / epc the fast path counts the products it runs; for bp it is
+forward + weight gradients + input gradients of every block but the first.
+
+Writes ``speed.md`` and ``speed.json`` (``speed-quick.*`` with ``--quick``) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import fastpc as fpc
+
+__all__ = ["add_arguments", "run", "matmul_gflops", "bp_flops", "epc_flops"]
+
+PCX_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pcx_speed.py"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="a subset of batches, 2 repeats (< 60 s)")
+    p.add_argument("--batches", type=int, default=0,
+                   help="timed batches per repeat for the MLPs (0: one full epoch; quick: 20)")
+    p.add_argument("--generic-batches", type=int, default=40,
+                   help="timed batches per repeat for the generic-path columns (quick: 8)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (quick: 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", default="auto",
+                   help="intra-op threads for torch and PCX: a number, or 'auto' (all cores on a quiet "
+                        "machine, 1 when the load average already fills the cores)")
+    p.add_argument("--pcx-python", default=os.environ.get("FASTPC_PCX_PYTHON", ""),
+                   help="python of a virtual environment with pcx==0.6.3 (or env FASTPC_PCX_PYTHON)")
+    p.add_argument("--vgg-width", type=float, default=0.125, help="VGG-5 width_mult")
+    p.add_argument("--data-root", default=None, help="where Fashion-MNIST is (default: fastpc's search)")
+    p.add_argument("--synthetic", action="store_true", help="random data instead of Fashion-MNIST")
+    p.add_argument("--out", default="benchmarks/results", help="results folder")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: mlp,wide,vgg,pcx")
+
+
+# ---- measurements ---------------------------------------------------------------------------
+def matmul_gflops(n: int = 1024, repeats: int = 7) -> float:
+    """The machine's fp32 matmul rate: median of timed n×n @ n×n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    for _ in range(3):
+        torch.mm(a, b, out=c)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b, out=c)
+        times.append((time.perf_counter() - t) / 4)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def bp_flops(widths: list[int], B: int) -> int:
+    """BP step: forward + weight gradients (both Σ 2B·in·out) + input gradients (no first layer)."""
+    mm = [2 * B * a * b for a, b in zip(widths[:-1], widths[1:])]
+    return 2 * sum(mm) + sum(mm[1:])
+
+
+def epc_flops(widths: list[int], B: int, T: int) -> int:
+    """ePC step on the fast path (forward init): FF, T backward passes, T perturbed forwards (the
+    first is the FF pass, the last rebuilds the final states), the local weight gradients."""
+    mm = [2 * B * a * b for a, b in zip(widths[:-1], widths[1:])]
+    return sum(mm) + T * sum(mm[1:]) + T * sum(mm[1:]) + sum(mm)
+
+
+def _load_data(args) -> tuple[torch.Tensor, torch.Tensor, str]:
+    if args.synthetic:
+        g = torch.Generator().manual_seed(args.seed)
+        return torch.randn(60000, 1, 28, 28, generator=g), torch.randint(0, 10, (60000,), generator=g), "synthetic"
+    from fastpc.data import load_dataset
+
+    ds = load_dataset("fashion-mnist", root=args.data_root, split="train", download=False)
+    return ds.x, ds.y, f"fashion-mnist train ({ds.path})"
+
+
+class Case:
+    """One learner on its own copy of a net, timed over the same batches as the others."""
+
+    def __init__(self, label: str, name: str, net: fpc.PCNet, **opts: Any):
+        self.label, self.name = label, name
+        self.net = copy.deepcopy(net)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, **_fused())
+        self.learner = fpc.make_learner(name, self.net, loss="ce", optimizer=opt, **opts)
+        self.fast = bool(getattr(self.learner, "uses_fast_path", False))
+        self.times: list[float] = []
+        self.flops_per_step: float | None = None
+
+    def time(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per-step seconds over ``batches`` (after one untimed warm-up step)."""
+        self.learner.step(*batches[0])
+        t = time.perf_counter()
+        for x, y in batches:
+            self.learner.step(x, y)
+        self.times.append((time.perf_counter() - t) / len(batches))
+
+    def count_flops(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Matmul FLOPs of one step as the fast path runs it (None on the generic path)."""
+        if not self.fast:
+            return
+        self.learner.step(x, y)
+        self.flops_per_step = float(self.learner.last_flops)
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.times)
+
+
+def _fused() -> dict[str, bool]:
+    try:
+        torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError, ValueError):
+        return {"foreach": True}
+
+
+def _batches(x, y, B, n, seed, flatten=False):
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    n = min(n, len(y) // B)
+    out = []
+    for i in range(n):
+        idx = perm[i * B:(i + 1) * B]
+        xb = x[idx]
+        out.append((xb.flatten(1) if flatten else xb.contiguous(), y[idx]))
+    return out
+
+
+def _pick_threads(threads: str | int) -> int:
+    """'auto': every core when the machine is quiet; 1 when other work already fills the cores
+    (intra-op threads then wait on each other's time slices: a 2-thread step can be 10x slower)."""
+    cores = os.cpu_count() or 1
+    if str(threads) != "auto":
+        n = int(threads)
+        return n if n > 0 else cores
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return cores
+    return 1 if load >= cores - 0.5 else cores
+
+
+def _run_pcx(args, widths, batches, repeats) -> dict[str, Any] | None:
+    if not args.pcx_python:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "batches.npz"
+        np.savez(path, x=np.stack([b[0].flatten(1).numpy() for b in batches]),
+                 y=np.stack([b[1].numpy() for b in batches]))
+        cmd = [args.pcx_python, str(PCX_SCRIPT), "--data", str(path), "--widths", ",".join(map(str, widths)),
+               "--iters", "5", "--state-lr", "0.1", "--repeats", str(repeats)]
+        env = dict(os.environ)
+        if args.threads == 1:  # the same resources as the torch side
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        print(f"  PCX run failed (exit {proc.returncode}): {' | '.join(tail)}", file=sys.stderr)
+        return {"error": " | ".join(tail)}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res["step_s"] = statistics.median(res["per_step_s"])
+    return res
+
+
+# ---- sections -----------------------------------------------------------------------------
+def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, Any]:
+    widths = [784] + [128] * (depth - 1) + [10]
+    B, T = 128, 5
+    torch.manual_seed(args.seed)
+    net = fpc.mlp(widths, act="gelu")
+    pc = {"iters": T, "state_lr": 0.1}
+    cases = [Case("bp", "bp", net), Case("spc", "spc", net, **pc), Case("epc", "epc", net, **pc),
+             Case("spc (generic)", "spc", net, fast=False, **pc), Case("epc (generic)", "epc", net, fast=False, **pc)]
+    batches = _batches(X, Y, B, n_batches, args.seed)
+    for c in cases:
+        c.count_flops(*batches[0])
+    for r in range(repeats):
+        for c in cases:
+            c.time(batches if "generic" not in c.label else batches[:n_generic])
+        print(f"  {depth}x128 repeat {r + 1}/{repeats}: " + ", ".join(f"{c.label} {c.step_s * 1e3:.2f} ms" for c in cases))
+    pcx = None
+    if "pcx" not in args.skip_set:
+        pcx = _run_pcx(args, widths, batches, repeats)
+    steps_per_epoch = math.ceil(60000 / B)
+    bp = cases[0].step_s
+    flops = {"bp": bp_flops(widths, B)}
+    rows = []
+    for c in cases:
+        f = c.flops_per_step if c.fast else (flops["bp"] if c.name == "bp" else None)
+        rows.append({"algo": c.label, "step_s": c.step_s, "epoch_s": c.step_s * steps_per_epoch,
+                     "steps_per_s": 1 / c.step_s, "ratio_to_bp": c.step_s / bp, "fast_path": c.fast,
+                     "flops_per_step": f, "gflops": None if f is None else f / c.step_s / 1e9,
+                     "timed_batches": n_generic if "generic" in c.label else len(batches)})
+    out: dict[str, Any] = {"net": f"mlp {depth}x128", "widths": widths, "batch": B, "iters": T,
+                           "steps_per_epoch": steps_per_epoch, "rows": rows}
+    if pcx is not None and "step_s" in pcx:
+        rows.append({"algo": "PCX spc (jit)", "step_s": pcx["step_s"], "epoch_s": pcx["step_s"] * steps_per_epoch,
+                     "steps_per_s": 1 / pcx["step_s"], "ratio_to_bp": pcx["step_s"] / bp, "fast_path": None,
+                     "flops_per_step": None, "gflops": None, "timed_batches": pcx["batches"]})
+        out["pcx"] = pcx
+        out["spc_over_pcx"] = cases[1].step_s / pcx["step_s"]
+    elif pcx is not None:
+        out["pcx"] = pcx
+    ef = epc_flops(widths, B, T)
+    out["epc_over_bp"] = cases[2].step_s / bp
+    out["epc_flop_ratio"] = ef / flops["bp"]
+    out["epc_over_bp_vs_flops"] = out["epc_over_bp"] / out["epc_flop_ratio"]
+    out["fast_speedup"] = {"spc": cases[3].step_s / cases[1].step_s, "epc": cases[4].step_s / cases[2].step_s}
+    return out
+
+
+def _wide_section(args, X, Y, n_batches, repeats, mm_rate) -> dict[str, Any]:
+    widths, B = [784, 1024, 1024, 1024, 10], 256
+    torch.manual_seed(args.seed)
+    net = fpc.mlp(widths, act="gelu")
+    pc = {"iters": 5, "state_lr": 0.1}
+    cases = [Case("bp", "bp", net), Case("spc", "spc", net, **pc), Case("epc", "epc", net, **pc)]
+    batches = _batches(X, Y, B, n_batches, args.seed)
+    for c in cases:
+        c.count_flops(*batches[0])
+    for _ in range(repeats):
+        for c in cases:
+            c.time(batches)
+    rows = []
+    for c in cases:
+        f = c.flops_per_step if c.fast else bp_flops(widths, B)
+        g = f / c.step_s / 1e9
+        rows.append({"algo": c.label, "step_s": c.step_s, "steps_per_s": 1 / c.step_s, "flops_per_step": f,
+                     "gflops": g, "fraction_of_matmul": g / mm_rate})
+    return {"net": "mlp 4x1024", "widths": widths, "batch": B, "iters": 5, "rows": rows, "matmul_gflops": mm_rate}
+
+
+def _vgg_section(args, X, Y, n_batches, repeats) -> dict[str, Any]:
+    B = 128
+    torch.manual_seed(args.seed)
+    net = fpc.vgg("vgg5", in_channels=1, num_classes=10, image_size=28, width_mult=args.vgg_width)
+    pc = {"iters": 5, "state_lr": 0.1}
+    cases = [Case("bp", "bp", net), Case("spc", "spc", net, **pc), Case("epc", "epc", net, **pc)]
+    batches = _batches(X, Y, B, n_batches, args.seed)
+    for _ in range(repeats):
+        for c in cases:
+            c.time(batches)
+    steps_per_epoch = math.ceil(60000 / B)
+    bp = cases[0].step_s
+    rows = [{"algo": c.label, "step_s": c.step_s, "epoch_s": c.step_s * steps_per_epoch, "steps_per_s": 1 / c.step_s,
+             "ratio_to_bp": c.step_s / bp, "fast_path": c.fast} for c in cases]
+    return {"net": f"vgg5 width_mult={args.vgg_width}", "batch": B, "iters": 5, "rows": rows,
+            "steps_per_epoch": steps_per_epoch, "timed_batches": len(batches)}
+
+
+# ---- report --------------------------------------------------------------------------------
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "loadavg_start": load}
+
+
+def _fmt(v, spec=".2f"):
+    return "—" if v is None else format(v, spec)
+
+
+def _markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = ["# fastpc speed benchmark", "",
+             f"Command: `{res['command']}`  ", f"Date: {res['date']}  ",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"Python {m['python']}  ",
+             f"Load average at start / end: {_fmt_load(m.get('loadavg_start'))} / {_fmt_load(m.get('loadavg_end'))}  ",
+             f"Data: {res['data']}; repeats {res['repeats']} (median), algorithms interleaved per repeat.  ",
+             f"Measured fp32 matmul rate (1024² torch.mm): **{res['matmul_gflops']:.1f} GFLOP/s**", ""]
+    for sec in res.get("mlp", []):
+        lines += [f"## {sec['net']} (widths {sec['widths'][0]}→…→{sec['widths'][-1]}, batch {sec['batch']}, "
+                  f"T = {sec['iters']}, CE, AdamW)", "",
+                  "| algorithm | s / epoch | steps / s | ÷ bp | MFLOP / step | GFLOP/s | timed batches |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sec["rows"]:
+            mf = None if r["flops_per_step"] is None else r["flops_per_step"] / 1e6
+            lines.append(f"| {r['algo']} | {r['epoch_s']:.2f} | {r['steps_per_s']:.1f} | {r['ratio_to_bp']:.2f} | "
+                         f"{_fmt(mf, '.1f')} | {_fmt(r['gflops'], '.1f')} | {r['timed_batches']} |")
+        lines.append("")
+        if "spc_over_pcx" in sec:
+            v = sec["spc_over_pcx"]
+            verdict = "target ≤ 0.5 met" if v <= 0.5 else ("faster than PCX" if v <= 1 else "SLOWER than PCX")
+            lines.append(f"- fastpc spc ÷ PCX spc: **{v:.2f}** ({verdict}); PCX compile {sec['pcx']['compile_s']:.1f} s "
+                         f"(jax {sec['pcx']['jax_version']}), not counted.")
+        elif "pcx" in sec:
+            lines.append(f"- PCX run failed: {sec['pcx'].get('error')}")
+        else:
+            lines.append("- PCX column skipped: no PCX interpreter given (`--pcx-python` / `FASTPC_PCX_PYTHON`).")
+        lim = 1.15 * sec["epc_flop_ratio"]
+        lines.append(f"- fastpc epc ÷ bp: **{sec['epc_over_bp']:.2f}**; analytic FLOP ratio {sec['epc_flop_ratio']:.2f} "
+                     f"→ {sec['epc_over_bp_vs_flops']:.2f} × the FLOP ratio (target ≤ 1.15: "
+                     f"{'met' if sec['epc_over_bp'] <= lim else 'missed'}).")
+        lines.append(f"- fast path vs generic autograd path: spc {sec['fast_speedup']['spc']:.1f}× faster, "
+                     f"epc {sec['fast_speedup']['epc']:.1f}× faster.")
+        lines.append("")
+    if "wide" in res:
+        w = res["wide"]
+        lines += [f"## Wide MLP {w['widths']} , batch {w['batch']}, T = {w['iters']}", "",
+                  "| algorithm | ms / step | MFLOP / step | GFLOP/s | ÷ matmul rate |", "|---|---:|---:|---:|---:|"]
+        for r in w["rows"]:
+            lines.append(f"| {r['algo']} | {r['step_s'] * 1e3:.1f} | {r['flops_per_step'] / 1e6:.0f} | "
+                         f"{r['gflops']:.1f} | {r['fraction_of_matmul']:.0%} |")
+        lines += ["", f"Matmul rate {w['matmul_gflops']:.1f} GFLOP/s; target ≥ 50 % for spc and epc.", ""]
+    if "vgg" in res:
+        v = res["vgg"]
+        lines += [f"## {v['net']} on Fashion-MNIST 28×28, batch {v['batch']}, T = {v['iters']} "
+                  f"({v['timed_batches']} batches timed)", "",
+                  "| algorithm | s / epoch | steps / s | ÷ bp | fast path |", "|---|---:|---:|---:|---|"]
+        for r in v["rows"]:
+            lines.append(f"| {r['algo']} | {r['epoch_s']:.1f} | {r['steps_per_s']:.2f} | {r['ratio_to_bp']:.2f} | "
+                         f"{'yes' if r['fast_path'] else 'no (generic)'} |")
+        lines.append("")
+    lines += ["Epoch seconds = median seconds per step × 469 steps (60,000 / 128). FLOPs: 2·m·k·n per matrix "
+              "product, elementwise work and the optimizer not counted; spc/epc counted by the fast path "
+              "(sPC skips products on exactly-zero errors), bp = forward + weight grads + input grads.", ""]
+    return "\n".join(lines)
+
+
+def _fmt_load(load) -> str:
+    return "?" if not load else ", ".join(f"{v:.2f}" for v in load)
+
+
+def _command(pcx: bool) -> str:
+    """The invocation; a local PCX interpreter path becomes ``FASTPC_PCX_PYTHON=<pcx venv python>``."""
+    argv, skip = [], False
+    for i, a in enumerate(sys.argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--pcx-python":
+            skip = True
+            continue
+        if not a.startswith("--pcx-python="):
+            argv.append(a)
+    prog = Path(argv[0]).name if argv else "fastpc"
+    if prog in ("fastpc", "__main__.py") or prog.endswith("cli.py"):
+        cmd = shlex.join(["fastpc"] + argv[1:])
+    elif prog == "speed.py":
+        cmd = shlex.join(["python", "-m", "fastpc.bench.speed"] + argv[1:])
+    else:
+        cmd = shlex.join(argv)
+    return ("FASTPC_PCX_PYTHON=<pcx venv>/bin/python " + cmd) if pcx else cmd
+
+
+def run(args: argparse.Namespace) -> int:
+    args.skip_set = {s.strip() for s in args.skip.split(",") if s.strip()}
+    args.threads = _pick_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    quick = args.quick
+    n_batches = args.batches or (12 if quick else math.ceil(60000 / 128))
+    n_generic = min(n_batches, 4 if quick else args.generic_batches)
+    repeats = 2 if quick and args.repeats == 3 else args.repeats
+    try:
+        X, Y, data_name = _load_data(args)
+    except fpc.UserError as e:
+        print(f"speed: {e} (or pass --synthetic)", file=sys.stderr)
+        return 2
+    res: dict[str, Any] = {"command": _command(bool(args.pcx_python)), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+                           "machine": _machine(), "data": data_name, "repeats": repeats, "quick": quick}
+    if not args.pcx_python:
+        print("speed: no PCX interpreter given (--pcx-python or FASTPC_PCX_PYTHON): the PCX column is skipped")
+    t0 = time.perf_counter()
+    res["matmul_gflops"] = matmul_gflops()
+    print(f"fp32 matmul rate: {res['matmul_gflops']:.1f} GFLOP/s")
+    if "mlp" not in args.skip_set:
+        res["mlp"] = [_mlp_section(args, X, Y, d, n_batches, n_generic, repeats) for d in (4, 20)]
+    if "wide" not in args.skip_set:
+        res["wide"] = _wide_section(args, X, Y, 3 if quick else 10, repeats, res["matmul_gflops"])
+    if "vgg" not in args.skip_set:
+        res["vgg"] = _vgg_section(args, X, Y, 2 if quick else 10, repeats)
+    res["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    res["seconds"] = time.perf_counter() - t0
+    md = _markdown(res)
+    print(md)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "speed-quick" if quick else "speed"
+    (out / f"{stem}.md").write_text(md)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
+    print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')} in {res['seconds']:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fastpc bench speed", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,485 @@
+"""The fast path: sPC and ePC on MLP-shaped PCNets with analytic vector-Jacobian products.
+
+A PCNet qualifies when every block is ``[Flatten] Linear [activation]`` (an ``nn.Sequential``
+or a bare ``nn.Linear``) with an elementwise activation fastpc knows (relu, gelu, tanh, sigmoid,
+silu, leaky_relu, identity). For such a net the learners run inference and the local weight
+update here instead of through generic autograd:
+
+- every VJP is written out: ``Wᵀ(g ⊙ f'(a))`` with ATen's own activation backward kernels
+  (the ones autograd would call), fused into one ``addmm`` with the error term where possible;
+- no autograd graph is built (everything runs under ``no_grad``) and no weight gradient is
+  computed inside inference;
+- the clamped input's prediction μ_1 = f_1(x) and all pre-activations come from the one
+  feedforward pass, and are reused;
+- **activity tracking** (sPC): each state carries a version; a prediction, an error or a VJP
+  is recomputed only when its inputs changed. From the feedforward state only the top layers
+  move in the first steps (the signal travels one layer per step), so the work those layers
+  would do on exact zeros is skipped, and so is the weight-gradient product of any block whose
+  error is still exactly zero (its gradient is a zero tensor, as autograd would give). The
+  numbers are those of the generic path: skipped work is work on exact zeros.
+
+The generic autograd path (``fastpc.learners.base.descend``) stays the reference; the tests
+check the two agree in float64 (states, energy trace, weight gradients, weights after steps).
+Options the fast path does not cover (safeguard, Adam on states, incremental iPC, any other
+block) fall back to the generic path.
+
+Every matrix product adds its FLOPs (2·m·k·n) to :attr:`Run.flops`, the analytic count the
+speed benchmark reports; elementwise work is not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import energy as E
+from .nets import PCNet
+
+__all__ = ["MLPPlan", "Run", "FastPath", "plan_mlp", "feedforward", "spc_relax", "epc_relax", "local_grads"]
+
+Act = Callable[[torch.Tensor], torch.Tensor]
+# grad ⊙ f'(a) given (grad, a, f(a)), with the kernels autograd itself uses
+ActGrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_aten = torch.ops.aten
+
+
+def _act_pair(m: nn.Module) -> tuple[Act, ActGrad] | None:
+    """(forward, backward) of a supported elementwise activation module, else None."""
+    t = type(m)
+    if t is nn.ReLU:
+        return F.relu, lambda g, a, o: _aten.threshold_backward(g, o, 0)
+    if t is nn.GELU:
+        ap = m.approximate
+        return (lambda a: F.gelu(a, approximate=ap)), (lambda g, a, o: _aten.gelu_backward(g, a, approximate=ap))
+    if t is nn.Tanh:
+        return torch.tanh, lambda g, a, o: _aten.tanh_backward(g, o)
+    if t is nn.Sigmoid:
+        return torch.sigmoid, lambda g, a, o: _aten.sigmoid_backward(g, o)
+    if t is nn.SiLU:
+        return F.silu, lambda g, a, o: _aten.silu_backward(g, a)
+    if t is nn.LeakyReLU:
+        s = m.negative_slope
+        return (lambda a: F.leaky_relu(a, s)), (lambda g, a, o: _aten.leaky_relu_backward(g, a, s, False))
+    return None
+
+
+@dataclass(frozen=True)
+class _Layer:
+    weight: nn.Parameter  # (out, in)
+    bias: nn.Parameter | None
+    act: Act | None  # None: identity
+    act_grad: ActGrad | None
+
+    def pre(self, s: torch.Tensor, run: "Run", wt: torch.Tensor) -> torch.Tensor:
+        """a = s Wᵀ + b (``wt`` = Wᵀ, a view made once per batch)."""
+        run.count(s.shape[0], wt.shape[0], wt.shape[1])
+        if self.bias is None:
+            return torch.mm(s, wt)
+        return torch.addmm(self.bias, s, wt)
+
+    def out(self, a: torch.Tensor) -> torch.Tensor:
+        return a if self.act is None else self.act(a)
+
+    def delta(self, g: torch.Tensor, a: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """g ⊙ f'(a)."""
+        return g if self.act_grad is None else self.act_grad(g, a, o)
+
+
+@dataclass(frozen=True)
+class MLPPlan:
+    """The layers of a qualifying PCNet, f_i(s) = act_i(s W_iᵀ + b_i)."""
+
+    layers: tuple[_Layer, ...]
+    block_ids: tuple[int, ...]  # to notice a net whose blocks were swapped out
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+
+def _parse_block(block: nn.Module, first: bool) -> _Layer | None:
+    mods = list(block) if isinstance(block, nn.Sequential) else [block]
+    if mods and isinstance(mods[0], nn.Flatten):
+        if not first or mods[0].start_dim != 1 or mods[0].end_dim != -1:
+            return None
+        mods = mods[1:]
+    if not mods or type(mods[0]) is not nn.Linear:
+        return None
+    lin, rest = mods[0], mods[1:]
+    act: tuple[Act, ActGrad] | None = None
+    for m in rest:
+        if type(m) is nn.Identity:
+            continue
+        if act is not None:
+            return None
+        act = _act_pair(m)
+        if act is None:
+            return None
+    return _Layer(lin.weight, lin.bias, None if act is None else act[0], None if act is None else act[1])
+
+
+def plan_mlp(net: PCNet) -> MLPPlan | None:
+    """The fast-path plan of ``net``, or None when a block is not [Flatten] Linear [act]."""
+    layers = []
+    for i, block in enumerate(net.blocks):
+        layer = _parse_block(block, first=i == 0)
+        if layer is None:
+            return None
+        layers.append(layer)
+    if len(layers) < 2:
+        return None
+    return MLPPlan(tuple(layers), tuple(id(b) for b in net.blocks))
+
+
+@dataclass
+class Run:
+    """One batch through the fast path: the feedforward pass and what inference leaves for
+    the weight update. Lists are indexed by layer i = 0..L (index 0 is the input)."""
+
+    plan: MLPPlan
+    x: torch.Tensor  # the batch as given (identity-checked by the learner)
+    s: list[torch.Tensor]  # s_0 = flattened x, s_1..s_{L-1}; s[L] unused
+    a: list[torch.Tensor | None]  # pre-activations a_1..a_L (a[0] None)
+    o: list[torch.Tensor | None]  # f_i(s_{i-1}) = act(a_i): predictions μ_i; o[L] = ŷ
+    eps: list[torch.Tensor | None] = field(default_factory=list)  # ε_1..ε_{L-1}; None = exactly 0
+    wt: list[torch.Tensor] = field(default_factory=list)  # W_iᵀ views, index i-1
+    flops: int = 0
+    equilibrium: object = None  # the Equilibrium these buffers belong to
+
+    def count(self, m: int, k: int, n: int) -> None:
+        self.flops += 2 * m * k * n
+
+
+@torch.no_grad()
+def feedforward(plan: MLPPlan, x: torch.Tensor) -> Run:
+    """The FF pass, keeping pre-activations; returns a Run (states are s[1:L], output o[L])."""
+    L = plan.depth
+    s0 = x.flatten(1) if x.dim() > 2 else x  # (B, D)
+    run = Run(plan, x, [s0] + [None] * L, [None] * (L + 1), [None] * (L + 1))
+    run.wt = [layer.weight.t() for layer in plan.layers]
+    prev = s0
+    for i, layer in enumerate(plan.layers, start=1):
+        a = layer.pre(prev, run, run.wt[i - 1])
+        o = layer.out(a)
+        run.a[i], run.o[i] = a, o
+        if i < L:
+            run.s[i] = o
+        prev = o
+    return run
+
+
+def _out_grad(yhat: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """∂ℓ/∂ŷ (summed cost): softmax(ŷ) − onehot for ce, ŷ − onehot for mse."""
+    if loss == "ce":
+        return torch.softmax(yhat, dim=1).sub_(target)
+    return yhat - target
+
+
+Callback = Callable[[int, list[torch.Tensor]], "bool | None"]
+
+
+@torch.no_grad()
+def spc_relax(
+    run: Run,
+    states0: Sequence[torch.Tensor],
+    y: torch.Tensor,
+    loss: str,
+    iters: int,
+    lr: float,
+    momentum: float = 0.0,
+    trace: bool = False,
+    callback: Callback | None = None,
+    from_ff: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int, torch.Tensor]:
+    """sPC inference (SGD on the states, optional momentum), same maths as ``descend``.
+
+    ``from_ff``: ``states0`` equal the feedforward states in ``run`` (forward init), so
+    predictions and zero errors are known and only moving layers are recomputed.
+    Returns (states, per-layer trace list or None, iterations run, final parts (L,)), and
+    leaves the final a, o, eps in ``run`` for :func:`local_grads`.
+    """
+    layers, L = run.plan.layers, run.plan.depth
+    target = E.one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
+    s = [run.s[0]] + [t for t in states0]  # s_1..s_{L-1} are updated in place (callers own them)
+    # versions: vs[i] bumps whenever s_i moves; o_from[i] = vs[i-1] when o_i was computed;
+    # eps_from[i] = (vs[i], version of o_i) when eps_i was computed
+    vs = [0] * L
+    o_ver = [0] * (L + 1)
+    if from_ff:
+        o_from = [0] * (L + 1)
+        eps: list[torch.Tensor | None] = [None] * L
+        eps_from = [(0, 0)] * L
+    else:
+        o_from = [0, 0] + [-1] * (L - 1)  # o_1 = f_1(x) is always valid
+        eps = [None] * L
+        eps_from = [(-1, -1)] * L
+    delta_from = -1  # o_ver[L] when ∂ℓ/∂ŷ was computed
+    delta = None
+    vel: list[torch.Tensor | None] = [None] * L
+    traces: list[torch.Tensor] | None = [] if trace else None
+
+    def refresh() -> None:
+        nonlocal delta, delta_from
+        for i in range(2, L + 1):
+            if o_from[i] != vs[i - 1]:
+                a = layers[i - 1].pre(s[i - 1], run, run.wt[i - 1])
+                run.a[i], run.o[i] = a, layers[i - 1].out(a)
+                o_from[i], o_ver[i] = vs[i - 1], o_ver[i] + 1
+        for i in range(1, L):
+            if eps_from[i] != (vs[i], o_ver[i]):
+                eps[i] = s[i] - run.o[i]
+                eps_from[i] = (vs[i], o_ver[i])
+        if delta_from != o_ver[L]:
+            delta, delta_from = _out_grad(run.o[L], target, loss), o_ver[L]
+
+    def parts() -> torch.Tensor:
+        zero = s[0].new_zeros(())  # an exactly-zero error contributes ½·0 = 0
+        return E.layer_energies([zero if e is None else e for e in eps[1:]], run.o[L], y, loss)
+
+    t_run = 0
+    for t in range(iters):
+        refresh()
+        if traces is not None:
+            traces.append(parts())
+        # ∇_{s_i} E = ε_i − J_{i+1}ᵀ ε_{i+1}; the top hidden layer gets +J_Lᵀ ∂ℓ/∂ŷ instead
+        grads: list[torch.Tensor | None] = [None] * L
+        for i in range(L - 1, 0, -1):
+            lay = layers[i]
+            if i == L - 1:
+                h, sign = lay.delta(delta, run.a[L], run.o[L]), 1.0
+            elif eps[i + 1] is not None:
+                h, sign = lay.delta(eps[i + 1], run.a[i + 1], run.o[i + 1]), -1.0
+            else:
+                h = None
+            if h is not None:
+                run.count(h.shape[0], h.shape[1], lay.weight.shape[1])
+                if eps[i] is None:
+                    grads[i] = torch.mm(h, lay.weight)
+                    if sign < 0:
+                        grads[i].neg_()
+                else:
+                    grads[i] = torch.addmm(eps[i], h, lay.weight, alpha=sign)
+            elif eps[i] is not None:
+                grads[i] = eps[i]
+        if momentum > 0:
+            for i in range(1, L):
+                g = grads[i]
+                if g is None and vel[i] is None:
+                    continue
+                if vel[i] is None:
+                    vel[i] = g.clone()
+                else:
+                    vel[i].mul_(momentum)
+                    if g is not None:
+                        vel[i].add_(g)
+                grads[i] = vel[i]
+        moving = [i for i in range(1, L) if grads[i] is not None]
+        if moving:
+            torch._foreach_add_([s[i] for i in moving], [grads[i] for i in moving], alpha=-lr)
+            for i in moving:
+                vs[i] += 1
+        t_run = t + 1
+        if callback is not None and callback(t + 1, [s[i] for i in range(1, L)]) is True:
+            break
+    refresh()
+    final = parts()
+    run.s[1:L] = s[1:L]
+    run.eps = eps
+    return s[1:L], traces, t_run, final
+
+
+@torch.no_grad()
+def epc_relax(
+    run: Run,
+    errs0: Sequence[torch.Tensor] | None,
+    y: torch.Tensor,
+    loss: str,
+    iters: int,
+    lr: float,
+    momentum: float = 0.0,
+    trace: bool = False,
+    callback: Callback | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int, torch.Tensor]:
+    """ePC inference: SGD on the errors ε, states rebuilt by s_i = f_i(s_{i-1}) + ε_i.
+
+    ``errs0=None`` means ε = 0 (forward init): the first forward is the FF pass in ``run``.
+    Returns (states, per-layer trace list or None, iterations run, final parts (L,)) and leaves
+    the final a, o, s, eps in ``run`` for :func:`local_grads`.
+    """
+    layers, L = run.plan.layers, run.plan.depth
+    target = E.one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
+    if errs0 is None:
+        eps = [None] + [torch.zeros_like(run.s[i]) for i in range(1, L)]
+        fwd_valid = True
+    else:
+        eps = [None] + [e.clone() for e in errs0]
+        fwd_valid = False
+    vel: list[torch.Tensor] | None = None
+    traces: list[torch.Tensor] | None = [] if trace else None
+
+    def forward() -> None:
+        s_prev = run.o[1] + eps[1]
+        run.s[1] = s_prev
+        for i in range(2, L + 1):
+            a = layers[i - 1].pre(s_prev, run, run.wt[i - 1])
+            o = layers[i - 1].out(a)
+            run.a[i], run.o[i] = a, o
+            if i < L:
+                s_prev = o + eps[i]
+                run.s[i] = s_prev
+
+    def parts() -> torch.Tensor:
+        return E.layer_energies(eps[1:], run.o[L], y, loss)
+
+    t_run = 0
+    for t in range(iters):
+        if not fwd_valid:
+            forward()
+        if traces is not None:
+            traces.append(parts())
+        # backward through the perturbed forward pass: ∇_{ε_i}E = ε_i + ∂ŷ/∂s_iᵀ ∂ℓ/∂ŷ
+        d = layers[L - 1].delta(_out_grad(run.o[L], target, loss), run.a[L], run.o[L])
+        ds: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
+        for i in range(L - 1, 0, -1):
+            w = layers[i].weight
+            run.count(d.shape[0], d.shape[1], w.shape[1])
+            ds[i] = torch.mm(d, w)
+            if i > 1:
+                d = layers[i - 1].delta(ds[i], run.a[i], run.o[i])
+        grads = torch._foreach_add(eps[1:], ds[1:])
+        if momentum > 0:
+            if vel is None:
+                vel = [g.clone() for g in grads]
+            else:
+                torch._foreach_mul_(vel, momentum)
+                torch._foreach_add_(vel, grads)
+            grads = vel
+        torch._foreach_add_(eps[1:], grads, alpha=-lr)
+        fwd_valid = False
+        t_run = t + 1
+        if callback is not None:
+            forward()
+            fwd_valid = True
+            if callback(t + 1, [run.s[i] for i in range(1, L)]) is True:
+                break
+    if not fwd_valid:
+        forward()
+    run.eps = eps
+    return [run.s[i] for i in range(1, L)], traces, t_run, parts()
+
+
+@torch.no_grad()
+def local_grads(run: Run, y: torch.Tensor, loss: str, scale: float) -> None:
+    """Accumulate scale × ∇_θ E_local into ``p.grad`` (PAPERS.md §0), from the buffers the
+    relax left: ∇_{W_i} = −(ε_i ⊙ f_i'(a_i))ᵀ s_{i-1}, ∇_{W_L} = (∂ℓ/∂ŷ ⊙ f_L'(a_L))ᵀ s_{L-1}.
+    A block whose error is exactly zero gets a zero gradient without a product."""
+    layers, L = run.plan.layers, run.plan.depth
+    target = E.one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
+    for i in range(1, L + 1):
+        lay = layers[i - 1]
+        if i == L:
+            g = _out_grad(run.o[L], target, loss).mul_(scale)
+        else:
+            g = None if run.eps[i] is None else run.eps[i] * (-scale)
+        h = None if g is None else lay.delta(g, run.a[i], run.o[i])
+        for p, kind in ((lay.weight, "w"), (lay.bias, "b")):
+            if p is None or not p.requires_grad:
+                continue
+            if h is None:
+                val = torch.zeros_like(p)
+            elif kind == "w":
+                run.count(h.shape[1], h.shape[0], run.s[i - 1].shape[1])
+                val = torch.mm(h.t(), run.s[i - 1])
+            else:
+                val = h.sum(0)
+            if p.grad is None:
+                p.grad = val
+            else:
+                p.grad.add_(val)
+
+
+class FastPath:
+    """Mixin for a learner with a fast path (sPC, ePC): the ``fast`` option, the plan cache,
+    and the routing of the feedforward pass and the weight update.
+
+    ``fast="auto"`` (default) uses the fast path when the net qualifies and the learner's options
+    are covered, the generic autograd path otherwise; ``True`` requires it (``ValueError`` when
+    it cannot apply); ``False`` always takes the generic path.
+    """
+
+    fast: bool | str = "auto"
+    last_flops: int | None = None  # matmul FLOPs of the last fast-path step (2·m·k·n each)
+    _fast_run: Run | None = None
+    _fast_plan: MLPPlan | None = None
+
+    def _init_fast(self, fast: bool | str) -> None:
+        if fast not in (True, False, "auto"):
+            raise ValueError(f"fast must be True, False or 'auto', got {fast!r}")
+        self.fast = fast
+        if fast is True:
+            why = self.fast_unsupported()
+            if why is not None:
+                raise ValueError(f"fast=True but {why}; use fast='auto' to fall back to the generic path")
+
+    def _fast_conflict(self) -> str | None:
+        """Why the learner's options rule the fast path out (None: they don't)."""
+        return None
+
+    def fast_unsupported(self) -> str | None:
+        """Why the fast path cannot run for this learner and net, or None when it can."""
+        why = self._fast_conflict()
+        if why is not None:
+            return why
+        if self._plan() is None:
+            return "the net is not a chain of [Flatten] Linear [activation] blocks"
+        return None
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """Whether step / grads / infer take the fast path."""
+        return self.fast is not False and self.fast_unsupported() is None
+
+    def _plan(self) -> MLPPlan | None:
+        blocks = self.net.blocks  # type: ignore[attr-defined]
+        plan = self._fast_plan
+        if plan is None or plan.block_ids != tuple(id(b) for b in blocks):
+            plan = plan_mlp(self.net)  # type: ignore[attr-defined]
+            self._fast_plan = plan
+        return plan
+
+    def _feedforward(self, x):
+        self._fast_run = None
+        if self.uses_fast_path:
+            run = feedforward(self._plan(), x)
+            self._fast_run = run
+            L = run.plan.depth
+            return [run.s[i] for i in range(1, L)], run.o[L]
+        return super()._feedforward(x)  # type: ignore[misc]
+
+    def _weight_grads(self, x, y, eq):
+        run = self._fast_run
+        if run is not None and run.equilibrium is eq:
+            local_grads(run, y, self.loss, self._weight_scale(y.shape[0]))  # type: ignore[attr-defined]
+            self.last_flops = run.flops
+            self._fast_run = None
+            return
+        super()._weight_grads(x, y, eq)  # type: ignore[misc]
+
+    def _fast_equilibrium(self, run: Run, states, traces, iters, final):
+        from .learners.base import Equilibrium
+
+        layer_trace = torch.stack([*traces, final]) if traces is not None else None
+        eq = Equilibrium(
+            states=list(states),
+            output=run.o[run.plan.depth],
+            energy=final.sum(),
+            iters=iters,
+            trace=None if layer_trace is None else layer_trace.sum(1),
+            layer_trace=layer_trace,
+        )
+        run.equilibrium = eq
+        return eq

@@ -1,0 +1,170 @@
+"""The fast path (fastpc.fast) gives the numbers of the generic autograd path, in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import fastpc as fpc
+from fastpc.fast import plan_mlp
+
+TOL = dict(rtol=1e-10, atol=1e-11)
+
+ACTS = ["gelu", "relu", "tanh", "sigmoid", "silu", "leaky_relu", "identity"]
+
+
+def _data(n=3, B=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(B, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(n)]
+    ys = [torch.randint(0, 5, (B,), generator=g) for _ in range(n)]
+    return xs, ys
+
+
+def _pair(name, widths=(16, 12, 10, 9, 5), act="gelu", **opts):
+    torch.manual_seed(0)
+    net = fpc.mlp(list(widths), act=act).double()
+    nets = [net, copy.deepcopy(net)]
+    learners = []
+    for fast, n in zip((True, False), nets):
+        opt = torch.optim.AdamW(n.parameters(), lr=1e-2)
+        learners.append(fpc.make_learner(name, n, optimizer=opt, fast=fast, **opts))
+    assert learners[0].uses_fast_path and not learners[1].uses_fast_path
+    return learners
+
+
+def _assert_eq_same(e1, e2):
+    assert e1.iters == e2.iters
+    for a, b in zip(e1.states, e2.states, strict=True):
+        assert_close(a, b, **TOL)
+    assert_close(e1.output, e2.output, **TOL)
+    assert_close(e1.energy, e2.energy, **TOL)
+    if e2.layer_trace is not None:
+        assert_close(e1.layer_trace, e2.layer_trace, **TOL)
+        assert_close(e1.trace, e2.trace, **TOL)
+
+
+@pytest.mark.parametrize("name", ["spc", "epc"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_fast_matches_generic(name, loss):
+    fast, ref = _pair(name, loss=loss, iters=6, state_lr=0.3)
+    xs, ys = _data()
+    # equilibrium and trace
+    _assert_eq_same(fast.infer(xs[0], ys[0], trace=True), ref.infer(xs[0], ys[0], trace=True))
+    # weight gradients
+    g1, g2 = fast.grads(xs[0], ys[0]), ref.grads(xs[0], ys[0])
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        assert_close(g1[k], g2[k], **TOL)
+    # three training steps
+    for x, y in zip(xs, ys):
+        r1, r2 = fast.step(x, y), ref.step(x, y)
+        assert_close(r1.loss, r2.loss, **TOL)
+        assert_close(r1.energy, r2.energy, **TOL)
+    for (n1, p1), (n2, p2) in zip(fast.net.named_parameters(), ref.net.named_parameters()):
+        assert_close(p1, p2, **TOL, msg=n1)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("name", ["spc", "epc"])
+def test_every_activation(name, act):
+    fast, ref = _pair(name, act=act, iters=4, state_lr=0.2)
+    xs, ys = _data(n=1)
+    _assert_eq_same(fast.infer(xs[0], ys[0], trace=True), ref.infer(xs[0], ys[0], trace=True))
+    g1, g2 = fast.grads(xs[0], ys[0]), ref.grads(xs[0], ys[0])
+    for k in g2:
+        assert_close(g1[k], g2[k], **TOL)
+
+
+@pytest.mark.parametrize("name", ["spc", "epc"])
+@pytest.mark.parametrize("init", ["zeros", "normal"])
+def test_other_inits_and_momentum(name, init):
+    fast, ref = _pair(name, iters=5, state_lr=0.1, momentum=0.5, init=init)
+    xs, ys = _data(n=1)
+    torch.manual_seed(1)
+    e1 = fast.infer(xs[0], ys[0], trace=True)
+    torch.manual_seed(1)
+    e2 = ref.infer(xs[0], ys[0], trace=True)
+    _assert_eq_same(e1, e2)
+
+
+@pytest.mark.parametrize("name", ["spc", "epc"])
+def test_deep_net_signal_tracking(name):
+    """20 blocks, T = 5: sPC's activity tracking skips the unmoved layers; numbers unchanged."""
+    fast, ref = _pair(name, widths=[16] + [7] * 19 + [5], iters=5, state_lr=0.1)
+    xs, ys = _data(n=2)
+    _assert_eq_same(fast.infer(xs[0], ys[0], trace=True), ref.infer(xs[0], ys[0], trace=True))
+    for x, y in zip(xs, ys):
+        fast.step(x, y), ref.step(x, y)
+    for p1, p2 in zip(fast.net.parameters(), ref.net.parameters()):
+        assert_close(p1, p2, **TOL)
+
+
+@pytest.mark.parametrize("name", ["spc", "epc"])
+def test_callback_and_early_stop(name):
+    fast, ref = _pair(name, iters=8, state_lr=0.2)
+    xs, ys = _data(n=1)
+    seen: list[list] = [[], []]
+
+    def cb(k):
+        def f(t, states):
+            seen[k].append([s.clone() for s in states])
+            return t == 3
+
+        return f
+
+    e1 = fast.infer(xs[0], ys[0], trace=True, callback=cb(0))
+    e2 = ref.infer(xs[0], ys[0], trace=True, callback=cb(1))
+    assert e1.iters == 3
+    _assert_eq_same(e1, e2)
+    for a, b in zip(seen[0], seen[1], strict=True):
+        for s1, s2 in zip(a, b, strict=True):
+            assert_close(s1, s2, **TOL)
+
+
+def test_float32_close():
+    torch.manual_seed(0)
+    net = fpc.mlp([16, 12, 10, 5], act="gelu")
+    ref = copy.deepcopy(net)
+    x, y = torch.randn(8, 16), torch.randint(0, 5, (8,))
+    for name in ("spc", "epc"):
+        a = fpc.make_learner(name, net, iters=5).grads(x, y)
+        b = fpc.make_learner(name, ref, iters=5, fast=False).grads(x, y)
+        for k in b:
+            assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fallbacks_and_option():
+    net = fpc.mlp([16, 12, 5])
+    assert fpc.make_learner("spc", net).uses_fast_path
+    assert not fpc.make_learner("spc", net, safeguard=True).uses_fast_path
+    assert not fpc.make_learner("spc", net, state_optimizer="adam").uses_fast_path
+    assert not fpc.make_learner("spc", net, incremental=True).uses_fast_path
+    assert not fpc.make_learner("epc", net, safeguard=True).uses_fast_path
+    assert not fpc.make_learner("epc", net, fast=False).uses_fast_path
+    with pytest.raises(ValueError, match="safeguard"):
+        fpc.make_learner("spc", net, safeguard=True, fast=True)
+    with pytest.raises(ValueError, match="fast must be"):
+        fpc.make_learner("spc", net, fast="yes")
+    conv = fpc.vgg("vgg5", in_channels=1, image_size=16, width_mult=1 / 32)
+    assert plan_mlp(conv) is None
+    assert not fpc.make_learner("epc", conv).uses_fast_path
+    with pytest.raises(ValueError, match="Linear"):
+        fpc.make_learner("epc", conv, fast=True)
+    odd = fpc.PCNet([nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU()), nn.Linear(4, 2)])
+    assert plan_mlp(odd) is None
+
+
+def test_bias_free_and_frozen_params():
+    torch.manual_seed(0)
+    net = fpc.mlp([16, 12, 10, 5], bias=False).double()
+    ref = copy.deepcopy(net)
+    x, y = _data(n=1)[0][0], _data(n=1)[1][0]
+    a = fpc.make_learner("spc", net, iters=4).grads(x, y)
+    b = fpc.make_learner("spc", ref, iters=4, fast=False).grads(x, y)
+    assert a.keys() == b.keys()
+    for k in b:
+        assert_close(a[k], b[k], **TOL)
