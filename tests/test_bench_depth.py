@@ -1,0 +1,50 @@
+"""``fastpc bench depth --quick``: the smoke run CI executes (< 2 minutes on 2 cores)."""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fastpc.bench import depth
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _have_data() -> bool:
+    from fastpc.data import search_paths
+    return any(p.is_dir() and any(p.glob("*idx3*")) for p in search_paths("fashion-mnist"))
+
+
+@pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not available locally")
+def test_depth_quick_writes_results(tmp_path):
+    parser = argparse.ArgumentParser()
+    depth.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--out", str(tmp_path)])
+    args.argv = ["--quick", "--out", str(tmp_path)]
+    t0 = time.time()
+    assert depth.run(args) == 0
+    assert time.time() - t0 < 120
+    res = json.loads((tmp_path / "depth.json").read_text())
+    assert res["command"].startswith("fastpc bench depth --quick")
+    assert {c["variant"] for c in res["cells"]} == set(depth.DEFAULT_VARIANTS)
+    assert {r["depth"] for r in res["rows"]} == {2, 4}
+    for c in res["cells"]:
+        assert 0.0 <= c["test_acc"] <= 100.0 and c["sec_per_epoch"] > 0
+    bp = [r for r in res["rows"] if r["variant"] == "bp"]
+    assert all(r["ratio_to_bp"] == pytest.approx(1.0) for r in bp)
+    md = (tmp_path / "depth.md").read_text()
+    assert "| depth | learner |" in md and "Machine:" in md and "Command:" in md
+    for png in ("depth_energy_heatmap.png", "depth_alignment.png", "depth_iters_vs_depth.png", "depth_accuracy.png"):
+        assert (tmp_path / png).stat().st_size > 0, png
+
+
+def test_summarize_rows():
+    C = depth.CellResult
+    cells = [C("bp", "bp", 4, s, 1, 10, acc, 0.5, sec, False, None) for s, acc, sec in ((0, 80.0, 1.0), (1, 82.0, 3.0))]
+    cells += [C("spc", "spc", 4, 0, 1, 10, 70.0, 0.7, 8.0, False, None)]
+    rows = depth.summarize(cells)
+    assert rows[0]["variant"] == "bp" and rows[0]["acc_mean"] == 81.0 and rows[0]["acc_spread"] == 1.0
+    assert rows[1]["ratio_to_bp"] == pytest.approx(4.0)
