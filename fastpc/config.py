@@ -121,7 +121,7 @@ class LearnerConfig:
     """Output cost: ce (cross-entropy) or mse (½‖ŷ − onehot(y)‖²)."""
     iters: int = 5
     """T, inference iterations per batch (ignored by bp)."""
-    state_lr: float = 0.01
+    state_lr: float = 0.1
     """Inference step size (λ for sPC, η_e for ePC)."""
     init: str = "forward"
     """State initializer: forward, zeros, normal, ... (see ``fastpc.list_inits()``)."""
@@ -133,8 +133,13 @@ class LearnerConfig:
     """spc only: iPC, a weight step after every inference step."""
     rescale: bool = False
     """epc only: divide the weight update by min(1, state_lr·iters), as the reference code does."""
-    safeguard: bool = False
-    """Backtrack any inference step that raises a sample's energy (stable fixed-step inference)."""
+    safeguard: bool | None = None
+    """spc/epc: per-sample backtracking line search on inference steps (see ``armijo``);
+    null: the learner's default (on for epc, off for spc)."""
+    armijo: float | None = None
+    """With safeguard: a step must decrease a sample's energy by this fraction of the decrease
+    its gradient predicts (0: must not rise; 0.99: keeps epc's update aligned with BP);
+    null: the learner's default (0.99 for epc, 0 for spc)."""
 
     def __post_init__(self) -> None:
         from .init import list_inits
@@ -148,6 +153,8 @@ class LearnerConfig:
             _fail("learner.state_lr", f"must be > 0, got {self.state_lr}")
         if not 0.0 <= self.momentum < 1.0:
             _fail("learner.momentum", f"must be in [0, 1), got {self.momentum}")
+        if self.armijo is not None and not 0.0 <= self.armijo < 1.0:
+            _fail("learner.armijo", f"must be in [0, 1), got {self.armijo}")
 
     def options(self) -> dict[str, Any]:
         """The options ``make_learner(self.name, ...)`` accepts (others are left out)."""
@@ -155,7 +162,7 @@ class LearnerConfig:
 
         accepted = learner_options(self.name)
         mine = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
-        return {k: v for k, v in mine.items() if k in accepted}
+        return {k: v for k, v in mine.items() if k in accepted and v is not None}
 
 
 @dataclass

@@ -230,7 +230,7 @@ class DepthIters:
 
 DEFAULT_DEPTH_LEARNERS: dict[str, dict[str, Any]] = {
     "spc": {"state_lr": 0.1},
-    "epc": {"state_lr": 0.05},
+    "epc": {"state_lr": 0.05, "safeguard": False},
 }
 # sPC's state Hessian has eigenvalues ≤ (1 + ‖W‖)² = 4 for gain-1 orthogonal linear nets, so
 # λ = 0.1 is stable at any depth; ePC's error Hessian I + JᵀJ has largest eigenvalue L (MSE,
@@ -290,7 +290,7 @@ def write_run_diagnostics(run_dir: str | Path, learner: Learner, x: torch.Tensor
     net = copy.deepcopy(learner.net).eval()
     L = net.depth
     T = int(iters) if iters is not None else max(2 * L, int(getattr(learner, "iters", 0) or 0))
-    opts = {"spc": {"state_lr": 0.1}, "epc": {"state_lr": 0.05}}
+    opts = {"spc": {"state_lr": 0.1}, "epc": {"state_lr": 0.05, "safeguard": False}}
     if learner.name in opts:
         own = learner.options()
         opts[learner.name] = {k: own[k] for k in ("state_lr", "momentum", "safeguard") if k in own}

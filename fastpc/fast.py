@@ -20,8 +20,14 @@ update here instead of through generic autograd:
 
 The generic autograd path (``fastpc.learners.base.descend``) stays the reference; the tests
 check the two agree in float64 (states, energy trace, weight gradients, weights after steps).
-Options the fast path does not cover (safeguard, Adam on states, incremental iPC, any other
-block) fall back to the generic path.
+``safeguard=True`` (the backtracking line search of ``descend``: one step size for the batch,
+any ``armijo``) is covered too, with the same accept/reject decisions, step sizes, momentum
+restarts and trace: the variables then live back to back in one flat buffer (each layer a
+contiguous view), so the line search's energy, slope, restore and update are one op each over
+all layers, and on the CPU an accepted step restores nothing. sPC then recomputes every layer
+each step (a rejected step moves every layer back; no activity tracking).
+Options the fast path does not cover (Adam on states, incremental iPC, any other block) fall
+back to the generic path.
 
 Every matrix product adds its FLOPs (2·m·k·n) to :attr:`Run.flops`, the analytic count the
 speed benchmark reports; elementwise work is not counted.
@@ -181,6 +187,212 @@ def _out_grad(yhat: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tens
 
 Callback = Callable[[int, list[torch.Tensor]], "bool | None"]
 
+_BRANCH_ON_CPU = True  # False: the sync-free torch.where path everywhere (tests cover it on CPU)
+
+
+class _Stack:
+    """Per-layer (B, w_i) tensors (i = 1..K) back to back in one flat buffer: every layer is a
+    contiguous view (``views[i]``; index 0 unused) and a whole-set operation is one op."""
+
+    def __init__(self, B: int, widths: Sequence[int], like: torch.Tensor):
+        self.B, self.widths = B, list(widths)
+        self.flat = like.new_empty(B * sum(widths))
+        self.views: list[torch.Tensor] = [None]  # type: ignore[list-item]
+        off = 0
+        for w in widths:
+            self.views.append(self.flat[off:off + B * w].view(B, w))
+            off += B * w
+
+    def like(self) -> "_Stack":
+        return _Stack(self.B, self.widths, self.flat)
+
+
+class _Model:
+    """What the line search needs from a learner's energy over the stacked variables ``v``."""
+
+    v: _Stack  # the variables (ε for ePC, s for sPC)
+    err: _Stack  # hidden errors at the last forward
+    eps: list[torch.Tensor]  # err.views
+
+    def forward(self) -> None:
+        """Predictions, errors and output at the current v."""
+        raise NotImplementedError
+
+    def grad(self, out: _Stack) -> None:
+        """∇_v E at the last forward into ``out``."""
+        raise NotImplementedError
+
+    def output(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def states(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+def _batch_energy(model: _Model, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """E = Σ_b ℓ_b + ½‖ε‖² over the batch (0-d)."""
+    cost = E.output_cost_per_sample(model.output(), y, loss).sum()
+    return torch.dot(model.err.flat, model.err.flat).mul_(0.5).add_(cost)
+
+
+class _EPCModel(_Model):
+    """ePC: v = ε, s_i = f_i(s_{i-1}) + ε_i."""
+
+    def __init__(self, run: Run, v: _Stack, target: torch.Tensor, loss: str):
+        self.run, self.v, self.err, self.eps, self.target, self.loss = run, v, v, v.views, target, loss
+
+    def forward(self) -> None:
+        run, eps, layers, L = self.run, self.eps, self.run.plan.layers, self.run.plan.depth
+        s_prev = run.o[1] + eps[1]
+        run.s[1] = s_prev
+        for i in range(2, L + 1):
+            a = layers[i - 1].pre(s_prev, run, run.wt[i - 1])
+            o = layers[i - 1].out(a)
+            run.a[i], run.o[i] = a, o
+            if i < L:
+                s_prev = o + eps[i]
+                run.s[i] = s_prev
+
+    def grad(self, out) -> None:
+        # ∇_{ε_i}E = ε_i + ∂ŷ/∂s_iᵀ ∂ℓ/∂ŷ: one backward through the perturbed forward pass
+        run, layers, L = self.run, self.run.plan.layers, self.run.plan.depth
+        d = layers[L - 1].delta(_out_grad(run.o[L], self.target, self.loss), run.a[L], run.o[L])
+        for i in range(L - 1, 0, -1):
+            w = layers[i].weight
+            run.count(d.shape[0], d.shape[1], w.shape[1])
+            ds = torch.mm(d, w)
+            torch.add(self.eps[i], ds, out=out.views[i])
+            if i > 1:
+                d = layers[i - 1].delta(ds, run.a[i], run.o[i])
+
+    def output(self) -> torch.Tensor:
+        return self.run.o[self.run.plan.depth]
+
+    def states(self) -> list[torch.Tensor]:
+        return [self.run.s[i] for i in range(1, self.run.plan.depth)]
+
+
+class _SPCModel(_Model):
+    """sPC: v = s, ε_i = s_i − f_i(s_{i-1}); every layer recomputed each step (a rejected
+    step moves every layer back)."""
+
+    def __init__(self, run: Run, v: _Stack, target: torch.Tensor, loss: str):
+        self.run, self.v, self.s, self.target, self.loss = run, v, v.views, target, loss
+        self.err = v.like()
+        self.eps = self.err.views
+
+    def forward(self) -> None:
+        run, s, eps, layers, L = self.run, self.s, self.eps, self.run.plan.layers, self.run.plan.depth
+        for i in range(2, L + 1):
+            a = layers[i - 1].pre(s[i - 1], run, run.wt[i - 1])
+            run.a[i], run.o[i] = a, layers[i - 1].out(a)
+        for i in range(1, L):
+            torch.sub(s[i], run.o[i], out=eps[i])
+
+    def grad(self, out) -> None:
+        # ∇_{s_i} E = ε_i − J_{i+1}ᵀ ε_{i+1}; the top hidden layer gets +J_Lᵀ ∂ℓ/∂ŷ instead
+        run, eps, layers, L = self.run, self.eps, self.run.plan.layers, self.run.plan.depth
+        for i in range(L - 1, 0, -1):
+            lay = layers[i]
+            if i == L - 1:
+                h = lay.delta(_out_grad(run.o[L], self.target, self.loss), run.a[L], run.o[L])
+                sign = 1.0
+            else:
+                h, sign = lay.delta(eps[i + 1], run.a[i + 1], run.o[i + 1]), -1.0
+            run.count(h.shape[0], h.shape[1], lay.weight.shape[1])
+            torch.addmm(eps[i], h, lay.weight, alpha=sign, out=out.views[i])
+
+    def output(self) -> torch.Tensor:
+        return self.run.o[self.run.plan.depth]
+
+    def states(self) -> list[torch.Tensor]:
+        return list(self.s[1:])
+
+
+def _line_search(
+    model: _Model,
+    y: torch.Tensor,
+    loss: str,
+    iters: int,
+    lr: float,
+    momentum: float,
+    armijo: float,
+    trace: bool,
+    callback: Callback | None,
+    fwd_valid: bool,
+) -> tuple[list[torch.Tensor] | None, int]:
+    """``descend``'s safeguarded loop: a backtracking line search on the batch energy with one
+    step size (same Armijo test, restores, quadratic step fit, momentum restart and trace) on
+    ``model.v``; leaves the model's buffers at the final (accepted) variables."""
+    v = model.v.flat
+    prev_v, g, g_prev = model.v.like(), model.v.like(), model.v.like()
+    vel = torch.zeros_like(v) if momentum > 0 else None
+    step = torch.tensor(lr, dtype=v.dtype, device=v.device)
+    tol = 8 * torch.finfo(v.dtype).eps
+    tiny = torch.finfo(v.dtype).tiny
+    fit = min(1.0, 1.8 * (1 - armijo))
+    # on the CPU a sync is free: branch on the test (no restore when the step is accepted);
+    # elsewhere select with torch.where, as descend does, and never sync
+    branch = _BRANCH_ON_CPU and v.device.type == "cpu"
+    traces: list[torch.Tensor] | None = [] if trace else None
+    prev_e = prev_parts = pred = None
+    t_run = 0
+    for t in range(iters):
+        if not fwd_valid:
+            model.forward()
+        e = _batch_energy(model, y, loss)
+        parts = E.layer_energies(model.eps[1:], model.output(), y, loss) if traces is not None else None
+        model.grad(g)
+        if prev_e is not None:
+            rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
+            if not branch or bool(rose):
+                if branch:
+                    v.copy_(prev_v.flat)
+                    g.flat.copy_(g_prev.flat)
+                    if vel is not None:  # a rejected step restarts the momentum
+                        vel.zero_()
+                else:
+                    torch.where(rose, prev_v.flat, v, out=v)
+                    torch.where(rose, g_prev.flat, g.flat, out=g.flat)
+                    if vel is not None:
+                        vel.mul_((~rose).to(v.dtype))
+                # quadratic φ(a) = E_old − a·pred + ½κa² through E_new at a = step
+                curv = (2 * (e - prev_e + step * pred) / step.pow(2)).clamp_min(tiny)
+                shrunk = torch.minimum(torch.maximum(fit * pred / curv, step * 1e-6), step * 0.5)
+                step = torch.where(rose, shrunk, step)
+                e = torch.where(rose, prev_e, e)
+                if parts is not None:
+                    parts = torch.where(rose, prev_parts, parts)
+        prev_v.flat.copy_(v)
+        prev_e, prev_parts = e, parts
+        if traces is not None:
+            traces.append(parts)
+        if vel is not None:
+            vel.mul_(momentum).add_(g.flat)
+            u = vel
+        else:
+            u = g.flat
+        pred = torch.dot(g.flat, u)
+        v.addcmul_(u, step, value=-1.0)
+        g, g_prev = g_prev, g
+        fwd_valid = False
+        t_run = t + 1
+        if callback is not None:
+            model.forward()
+            fwd_valid = True
+            if callback(t + 1, model.states()) is True:
+                break
+    if prev_e is not None:  # the last step must pass the same test
+        if not fwd_valid:
+            model.forward()
+        rose = _batch_energy(model, y, loss) > prev_e - armijo * step * pred + tol * prev_e.abs()
+        if not branch or bool(rose):
+            torch.where(rose, prev_v.flat, v, out=v)
+            model.forward()
+    elif not fwd_valid:
+        model.forward()
+    return traces, t_run
+
 
 @torch.no_grad()
 def spc_relax(
@@ -194,8 +406,11 @@ def spc_relax(
     trace: bool = False,
     callback: Callback | None = None,
     from_ff: bool = False,
+    safeguard: bool = False,
+    armijo: float = 0.0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int, torch.Tensor]:
-    """sPC inference (SGD on the states, optional momentum), same maths as ``descend``.
+    """sPC inference (SGD on the states, optional momentum, optional ``safeguard`` line search
+    with ``armijo``), same maths as ``descend``.
 
     ``from_ff``: ``states0`` equal the feedforward states in ``run`` (forward init), so
     predictions and zero errors are known and only moving layers are recomputed.
@@ -204,6 +419,19 @@ def spc_relax(
     """
     layers, L = run.plan.layers, run.plan.depth
     target = E.one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
+    if safeguard:
+        v = _Stack(run.s[0].shape[0], [t.shape[1] for t in states0], run.s[0])
+        for view, t in zip(v.views[1:], states0):
+            view.copy_(t)
+        model = _SPCModel(run, v, target, loss)
+        if from_ff:  # predictions are the FF ones, errors exactly zero
+            model.err.flat.zero_()
+        traces, t_run = _line_search(
+            model, y, loss, iters, lr, momentum, armijo, trace, callback, fwd_valid=from_ff
+        )
+        run.s[1:L] = v.views[1:]
+        run.eps = [None] + model.eps[1:]
+        return v.views[1:], traces, t_run, E.layer_energies(model.eps[1:], run.o[L], y, loss)
     s = [run.s[0]] + [t for t in states0]  # s_1..s_{L-1} are updated in place (callers own them)
     # versions: vs[i] bumps whenever s_i moves; o_from[i] = vs[i-1] when o_i was computed;
     # eps_from[i] = (vs[i], version of o_i) when eps_i was computed
@@ -303,8 +531,11 @@ def epc_relax(
     momentum: float = 0.0,
     trace: bool = False,
     callback: Callback | None = None,
+    safeguard: bool = False,
+    armijo: float = 0.0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int, torch.Tensor]:
-    """ePC inference: SGD on the errors ε, states rebuilt by s_i = f_i(s_{i-1}) + ε_i.
+    """ePC inference: SGD on the errors ε, states rebuilt by s_i = f_i(s_{i-1}) + ε_i
+    (optional momentum, optional ``safeguard`` line search with ``armijo``, as ``descend``).
 
     ``errs0=None`` means ε = 0 (forward init): the first forward is the FF pass in ``run``.
     Returns (states, per-layer trace list or None, iterations run, final parts (L,)) and leaves
@@ -312,6 +543,19 @@ def epc_relax(
     """
     layers, L = run.plan.layers, run.plan.depth
     target = E.one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
+    if safeguard:
+        v = _Stack(run.s[0].shape[0], [run.s[i].shape[1] for i in range(1, L)], run.s[0])
+        if errs0 is None:
+            v.flat.zero_()
+        else:
+            for view, e in zip(v.views[1:], errs0):
+                view.copy_(e)
+        model = _EPCModel(run, v, target, loss)
+        traces, t_run = _line_search(
+            model, y, loss, iters, lr, momentum, armijo, trace, callback, fwd_valid=errs0 is None
+        )
+        run.eps = [None] + v.views[1:]
+        return model.states(), traces, t_run, E.layer_energies(v.views[1:], run.o[L], y, loss)
     if errs0 is None:
         eps = [None] + [torch.zeros_like(run.s[i]) for i in range(1, L)]
         fwd_valid = True

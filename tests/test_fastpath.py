@@ -47,10 +47,11 @@ def _assert_eq_same(e1, e2):
         assert_close(e1.trace, e2.trace, **TOL)
 
 
+@pytest.mark.parametrize("safeguard", [False, True])
 @pytest.mark.parametrize("name", ["spc", "epc"])
 @pytest.mark.parametrize("loss", ["ce", "mse"])
-def test_fast_matches_generic(name, loss):
-    fast, ref = _pair(name, loss=loss, iters=6, state_lr=0.3)
+def test_fast_matches_generic(name, loss, safeguard):
+    fast, ref = _pair(name, loss=loss, iters=6, state_lr=0.3, safeguard=safeguard)
     xs, ys = _data()
     # equilibrium and trace
     _assert_eq_same(fast.infer(xs[0], ys[0], trace=True), ref.infer(xs[0], ys[0], trace=True))
@@ -140,13 +141,15 @@ def test_float32_close():
 def test_fallbacks_and_option():
     net = fpc.mlp([16, 12, 5])
     assert fpc.make_learner("spc", net).uses_fast_path
-    assert not fpc.make_learner("spc", net, safeguard=True).uses_fast_path
+    assert fpc.make_learner("epc", net).uses_fast_path  # the default (safeguarded) ePC
+    for name in ("spc", "epc"):
+        for safeguard in (False, True):
+            assert fpc.make_learner(name, net, safeguard=safeguard, armijo=0.5, fast=True).uses_fast_path
     assert not fpc.make_learner("spc", net, state_optimizer="adam").uses_fast_path
     assert not fpc.make_learner("spc", net, incremental=True).uses_fast_path
-    assert not fpc.make_learner("epc", net, safeguard=True).uses_fast_path
     assert not fpc.make_learner("epc", net, fast=False).uses_fast_path
-    with pytest.raises(ValueError, match="safeguard"):
-        fpc.make_learner("spc", net, safeguard=True, fast=True)
+    with pytest.raises(ValueError, match="adam"):
+        fpc.make_learner("spc", net, state_optimizer="adam", fast=True)
     with pytest.raises(ValueError, match="fast must be"):
         fpc.make_learner("spc", net, fast="yes")
     conv = fpc.vgg("vgg5", in_channels=1, image_size=16, width_mult=1 / 32)
@@ -168,3 +171,99 @@ def test_bias_free_and_frozen_params():
     assert a.keys() == b.keys()
     for k in b:
         assert_close(a[k], b[k], **TOL)
+
+
+# ---- safeguard (descend's backtracking line search) --------------------------------------
+
+
+def _rejected(eq) -> bool:
+    """Whether the line search rejected a step: a rejected step keeps the accepted energies,
+    so two in-loop trace entries are exactly equal (the last entry is recomputed)."""
+    t = eq.layer_trace[:-1]
+    return bool((t[1:] == t[:-1]).all(1).any())
+
+
+def _check_pair(fast, ref, xs, ys, seed=1):
+    torch.manual_seed(seed)
+    e1 = fast.infer(xs[0], ys[0], trace=True)
+    torch.manual_seed(seed)
+    e2 = ref.infer(xs[0], ys[0], trace=True)
+    _assert_eq_same(e1, e2)
+    torch.manual_seed(seed)
+    g1 = fast.grads(xs[0], ys[0])
+    torch.manual_seed(seed)
+    g2 = ref.grads(xs[0], ys[0])
+    assert g1.keys() == g2.keys()
+    for k in g2:
+        assert_close(g1[k], g2[k], **TOL, msg=k)
+    for x, y in zip(xs, ys):  # three AdamW steps
+        torch.manual_seed(seed)
+        r1 = fast.step(x, y)
+        torch.manual_seed(seed)
+        r2 = ref.step(x, y)
+        assert_close(r1.loss, r2.loss, **TOL)
+        assert_close(r1.energy, r2.energy, **TOL)
+    for (n1, p1), (_, p2) in zip(fast.net.named_parameters(), ref.net.named_parameters()):
+        assert_close(p1, p2, **TOL, msg=n1)
+    return e2
+
+
+WIDTHS5 = (16, 12, 10, 9, 7, 5)  # 5 blocks
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+@pytest.mark.parametrize("armijo", [0.0, 0.99])
+@pytest.mark.parametrize("name", ["spc", "epc"])
+def test_safeguard_matches_generic(name, armijo, momentum):
+    """A step far past the stability limit: the line search rejects and shrinks; the fast
+    path takes the same decisions (states, energy, trace, grads, weights after 3 steps)."""
+    opts = dict(widths=WIDTHS5, iters=6, state_lr=5.0, momentum=momentum)
+    fast, ref = _pair(name, safeguard=True, armijo=armijo, **opts)
+    xs, ys = _data()
+    eq = _check_pair(fast, ref, xs, ys)
+    assert _rejected(eq)
+    plain = _pair(name, safeguard=False, **opts)[1].infer(xs[0], ys[0], trace=True)
+    assert not torch.allclose(plain.trace, eq.trace)
+
+
+@pytest.mark.parametrize("name", ["spc", "epc"])
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_safeguard_default_regime(name, loss):
+    """ePC's default (safeguard, armijo 0.99, state_lr 0.1) and a non-FF init."""
+    for init in ("forward", "normal"):
+        fast, ref = _pair(name, widths=WIDTHS5, loss=loss, iters=5, state_lr=0.1, safeguard=True,
+                          armijo=0.99, init=init)
+        xs, ys = _data()
+        eq = _check_pair(fast, ref, xs, ys)
+        assert _rejected(eq)  # η = 0.1 is too long for armijo 0.99 at the start
+
+
+@pytest.mark.parametrize("name", ["spc", "epc"])
+def test_safeguard_sync_free_path(name, monkeypatch):
+    """The torch.where path the fast path takes off the CPU gives the same numbers."""
+    monkeypatch.setattr(fpc.fast, "_BRANCH_ON_CPU", False)
+    fast, ref = _pair(name, widths=WIDTHS5, iters=6, state_lr=5.0, momentum=0.5, safeguard=True, armijo=0.5)
+    xs, ys = _data()
+    assert _rejected(_check_pair(fast, ref, xs, ys))
+
+
+@pytest.mark.parametrize("name", ["spc", "epc"])
+def test_safeguard_callback_and_early_stop(name):
+    fast, ref = _pair(name, widths=WIDTHS5, iters=8, state_lr=5.0, momentum=0.5, safeguard=True, armijo=0.5)
+    xs, ys = _data(n=1)
+    seen: list[list] = [[], []]
+
+    def cb(k):
+        def f(t, states):
+            seen[k].append([s.clone() for s in states])
+            return t == 4
+
+        return f
+
+    e1 = fast.infer(xs[0], ys[0], trace=True, callback=cb(0))
+    e2 = ref.infer(xs[0], ys[0], trace=True, callback=cb(1))
+    assert e1.iters == 4 and _rejected(e2)
+    _assert_eq_same(e1, e2)
+    for a, b in zip(seen[0], seen[1], strict=True):
+        for s1, s2 in zip(a, b, strict=True):
+            assert_close(s1, s2, **TOL)

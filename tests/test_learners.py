@@ -188,8 +188,8 @@ def test_safeguard_never_lets_the_energy_rise(name, momentum):
     net = fpc.mlp([10, 32, 32, 32, 4]).double()
     x, y = _problem(torch.float64)
     opts = dict(iters=15, state_lr=5.0, momentum=momentum)
-    plain = fpc.make_learner(name, net, **opts).infer(x, y, trace=True)
-    learner = fpc.make_learner(name, net, safeguard=True, **opts)
+    plain = fpc.make_learner(name, net, safeguard=False, **opts).infer(x, y, trace=True)
+    learner = fpc.make_learner(name, net, safeguard=True, armijo=0.0, **opts)
     safe = learner.infer(x, y, trace=True)
     assert plain.trace.max() > 10 * plain.trace[0]
     assert torch.all(safe.trace[1:] <= safe.trace[:-1] * (1 + 1e-12))
@@ -205,3 +205,45 @@ def test_callback_stops_inference_early():
     seen = []
     eq = fpc.make_learner("epc", net, iters=50).infer(x, y, callback=lambda t, s: seen.append(t) or t == 7)
     assert seen == list(range(1, 8)) and eq.iters == 7
+
+
+@pytest.mark.parametrize("armijo", [0.0, 0.5, 0.9, 0.99])
+def test_armijo_line_search_on_a_quadratic_closed_form(armijo):
+    """On E(v) = ½κ‖v‖² with a first step far too large (η·κ > 2, E rises), the rejected
+    step is refitted to η·κ = min(1, 1.8(1 − armijo)) exactly (the quadratic model is exact),
+    after which every step is accepted: T − 1 contractions by (1 − η·κ)."""
+    from fastpc.learners.base import descend
+
+    kappa = 10.0
+    v0 = torch.tensor([[1.0, -2.0], [0.5, 3.0], [2.0, 0.0]], dtype=torch.float64)
+
+    def energy_fn(vs):
+        return 0.5 * kappa * vs[0].pow(2).sum(1), [], None
+
+    T = 6
+    (v,), _, _ = descend([v0], energy_fn, torch.zeros(3), "mse", T, lr=1.0, safeguard=True, armijo=armijo)
+    contraction = 1 - min(1.0, 1.8 * (1 - armijo))
+    assert_close(v, v0 * contraction ** (T - 1), rtol=1e-9, atol=1e-300)
+
+
+def test_default_epc_update_stays_aligned_with_bp_where_fixed_step_does_not():
+    """A deep net with a large Jacobian: fixed-step ePC at η_e = 0.1 overshoots and its update
+    points away from BP; the default line search (armijo 0.99, one step for the batch) keeps
+    every block's update aligned with BP."""
+    torch.manual_seed(0)
+    net = fpc.mlp([10] + [32] * 11 + [4], init="orthogonal").double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(1.3)  # grow the deep Jacobian, as training does
+    x, y = _problem(torch.float64)
+    g_bp = fpc.make_learner("bp", net).grads(x, y)
+
+    def cosines(learner):
+        g = learner.grads(x, y)
+        return torch.stack([torch.nn.functional.cosine_similarity(g[k].flatten(), g_bp[k].flatten(), 0)
+                            for k in g_bp])
+
+    fixed = cosines(fpc.make_learner("epc", net, iters=5, state_lr=0.1, safeguard=False))
+    default = cosines(fpc.make_learner("epc", net, iters=5, state_lr=0.1))
+    assert default.min() > 0.99, default
+    assert fixed.min() < 0.5, fixed

@@ -29,7 +29,7 @@ def write(out: Path, args: argparse.Namespace, loaders, rows=None) -> tuple[str,
     torch.manual_seed(0)
     net = fpc.mlp([math.prod(loaders.info.in_shape)] + [args.width] * (depth - 1) + [loaders.info.num_classes])
     T = 2 * depth
-    heat = {"spc": {"state_lr": 0.1}, "epc": {"state_lr": 0.05}}
+    heat = {"spc": {"state_lr": 0.1}, "epc": {"state_lr": 0.05, "safeguard": False}}
     maps = [D.energy_map(fpc.make_learner(n, net, iters=T, **o), x, y) for n, o in heat.items()]
     pngs = [out / "depth_energy_heatmap.png"]
     plots.plot_energy_heatmaps(maps, pngs[-1])

@@ -46,41 +46,46 @@ VARIANTS: dict[str, Variant] = {
     "bp": Variant("bp", "bp", {}, "autograd of the batch-mean loss"),
     "spc": Variant("spc", "spc", {"iters": 5, "state_lr": 0.1, "momentum": 0.0},
                    "state-based PC, T = 5"),
-    "epc": Variant("epc", "epc", {"iters": 5, "state_lr": 0.001},
-                   "error-based PC, small η_e·T = 0.005 (update ≈ η_e·T × BP direction)"),
-    "epc-eq": Variant("epc-eq", "epc", {"iters": 20, "state_lr": 0.1},
-                      "ePC run towards the equilibrium: T = 20, η_e = 0.1 (at depth 4 the safeguard "
-                      "changes nothing: 83.00 vs 82.99 % after 300 steps)"),
+    "epc": Variant("epc", "epc", {"iters": 5, "state_lr": 0.1},
+                   "error-based PC, T = 5, η_e = 0.1 with the default line search (armijo 0.99, "
+                   "one step for the batch): small η_e·κ·T, update ≈ η·T × the BP gradient"),
+    "epc-eq": Variant("epc-eq", "epc", {"iters": 20, "state_lr": 0.1, "armijo": 0.0},
+                      "ePC run towards the equilibrium: T = 20, η_e = 0.1, line search that only "
+                      "forbids the energy to rise (armijo 0)"),
+    "epc-fixed": Variant("epc-fixed", "epc", {"iters": 5, "state_lr": 0.001, "safeguard": False},
+                         "plain fixed-step ePC, η_e = 0.001, T = 5 (no line search)"),
 }
 DEFAULT_VARIANTS = ("bp", "spc", "epc")
 
 TUNING_NOTES = """\
-## How the settings were tuned (depth 20, seed 0, first 300 steps of epoch 1, batch 128, AdamW 3e-4)
+## How the settings were tuned
 
-| learner | settings | test acc % after 300 steps | final train loss |
-|---|---|---:|---:|
-| bp | — | 82.40 | 0.73 |
-| spc | λ = 0.05, momentum 0.4, T = 5 | 51.62 | 1.72 |
-| spc | **λ = 0.1, momentum 0, T = 5** | **56.03** | 1.64 |
-| epc | η_e = 0.1, T = 5 | 17.97 (diverged, loss 1.3e5) | — |
-| epc | η_e = 0.1, T = 5, safeguard | 10.15 (diverged, loss 1.3e4) | — |
-| epc | η_e = 0.01, T = 5 | 10.00 (diverged, loss 1.7e5) | — |
-| epc | η_e = 0.01, T = 5, safeguard | 15.21 (diverged, loss 5.5e4) | — |
-| epc | η_e = 0.003, T = 5 | 76.91 | 0.90 |
-| epc | **η_e = 0.001, T = 5** | **80.38** | 0.73 |
+Search at depth 20, seed 0, batch 128, AdamW 3e-4 (first 300 steps unless noted):
 
-Equilibrium regime at depth 4 (same protocol): epc η_e = 0.1, T = 20, safeguard 83.00 %; without
-safeguard 82.99 %; bp 83.82 %. At depth 20 the same regime diverges (rows above), with or without
-the safeguard: the safeguard keeps every sample's inference energy non-increasing, but the
-weight update's cosine with the BP gradient falls from 0.5–0.7 at init to < 0 by step 100
-(per-block alignment traced with fastpc.diagnostics.alignment), the FF loss grows to 1e4 and
-the inference step is halved to nothing. The failure is in what the large-error PC update
-learns on a deep net (it lowers the equilibrium energy by growing the deep Jacobian), not an
-unstable inference step, so backtracking cannot cure it. Small η_e·T (the update ≈ η_e·T × the
-BP gradient, PAPERS.md §2) matches bp at depth 4–12, but at depth 20 η_e = 0.001 also diverged
-late in the full sweep (steps 1219 and 1322 of 1407, both seeds): the deep Jacobian keeps
-growing until even η_e = 0.001 is past the stability limit; with the safeguard it diverges too
-(step 1196, seed 0, 18.5 %). An η_e that adapts to the curvature is still open.
+| learner | settings | test acc % | note |
+|---|---|---:|---|
+| bp | — | 82.40 (300 steps) | |
+| spc | λ = 0.05, momentum 0.4, T = 5 | 51.62 (300 steps) | |
+| spc | **λ = 0.1, momentum 0, T = 5** | **56.03** (300 steps) | chosen |
+| epc | η_e = 0.1 or 0.01, T = 5, no line search | 10–18 (300 steps) | diverged, loss 1e4–1e5 |
+| epc | η_e = 0.001, T = 5, no line search | 80.38 (300 steps) | diverges later: steps 1219 / 1322 of 1407 in the full sweep |
+| epc | η_e = 0.1, T = 5, per-sample backtracking, energy must not rise | 10.15 (300 steps) | diverged |
+| epc | η_e = 0.1, T = 5, per-sample Armijo 0.9 / 0.5 | 78.96 / 73.34 (3 epochs) | trains, cos(update, BP) falls to < 0.5 |
+| epc | η_e = 0.1, T = 5, per-sample Armijo 0.99 | 85.82 (3 epochs) | cos 0.8–0.9 |
+| epc | **η_e = 0.1, T = 5, batch Armijo 0.99 (default)** | **85.87** (3 epochs) | cos(update, BP) ≥ 0.998 in every block all run |
+| epc | η_e = 0.1, T = 5, batch Armijo 0.9 | 84.88 (3 epochs) | cos ≥ 0.97 |
+
+Why fixed-step ePC fails at depth 20: training grows the deep Jacobian, so the curvature κ of
+the energy along the error gradient grows; once η_e·κ is not small, the T steps leave the
+first-order regime in which the ePC update is η_e·T × the BP gradient (PAPERS.md §2) and the
+update turns away from BP (cos 0.999 → 0.28 before the loss explodes at step ~1200 with
+η_e = 0.001). Forbidding the energy to rise does not help: the inference is stable, the update
+is what goes wrong. The default line search asks each step to deliver 99 % of the decrease its
+gradient predicts (Armijo), which holds only while η·κ ≲ 0.02, and on a rejection refits η to
+the measured curvature. One step size for the whole batch matters: per-sample steps reweight
+the samples in the update (Σ_b η_b g_b instead of η Σ_b g_b) and the alignment drops to
+0.4–0.9. The equilibrium regime (epc-eq) is reported separately: PC at a real equilibrium is not
+BP, and on deep nets its update can lower the equilibrium energy by growing the deep Jacobian.
 """
 DIVERGED_LOSS = 1e3  # a CE loss above this (chance is ln 10 ≈ 2.3) stops the cell as diverged
 

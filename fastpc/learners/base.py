@@ -93,6 +93,7 @@ def descend(
     momentum: float = 0.0,
     optimizer: str = "sgd",
     safeguard: bool = False,
+    armijo: float = 0.0,
     trace: bool = False,
     after_step: Callable[[int, list[torch.Tensor]], bool | None] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int]:
@@ -102,58 +103,60 @@ def descend(
     autograd on; the gradient w.r.t. every variable comes from one backward pass, which
     computes no weight gradients.
 
-    ``safeguard``: per-sample backtracking. Samples are independent (E is a sum over the
-    batch), so each keeps its own step size; a step that raised a sample's energy is undone
-    and that sample's step halved. The energy of every sample is then non-increasing.
+    ``safeguard``: a backtracking line search on the batch energy E with one step size η for
+    the whole batch (so that, as in plain ePC, every sample's errors move by the same η and the
+    weight update keeps BP's weighting of the samples). A step is accepted when it decreases E
+    by at least ``armijo`` × the decrease its gradient predicts, E_new ≤ E_old − armijo·η⟨g, u⟩
+    (the Armijo condition; ``armijo=0``: E must not rise). A rejected step is undone and η
+    shrunk to fit the curvature κ along it, measured by the quadratic through E_old, its slope
+    and E_new: 90 % of the largest step that quadratic accepts, η·κ = 2(1 − armijo), at most
+    its minimiser η·κ = 1 (clipped to [η·1e-6, η/2]). The step then stays in force for the
+    rest of the batch. With ``armijo`` near 1 every step is far below 1/κ: after T steps
+    η·κ·T ≲ 2T(1 − armijo), the regime in which one ePC update is η·T × the BP gradient
+    (PAPERS.md §2) even where the deep Jacobian has grown large.
 
     ``after_step(t, vars)`` runs after iteration t (1-based); returning True stops inference.
 
     Returns the final variables (detached), with ``trace`` the per-layer energies before every
     iteration (a list of tensors of shape (L,), else None), and the iterations run.
     """
-    B = y.shape[0]
     vs = [v.detach().clone().requires_grad_(True) for v in variables]
     traces: list[torch.Tensor] | None = [] if trace else None
     vel = [torch.zeros_like(v) for v in vs] if (momentum > 0 or optimizer == "adam") else None
     sq = [torch.zeros_like(v) for v in vs] if optimizer == "adam" else None
     if safeguard:
-        step = torch.full((B,), lr, dtype=vs[0].dtype, device=vs[0].device)
+        step = torch.tensor(lr, dtype=vs[0].dtype, device=vs[0].device)
         prev_v: list[torch.Tensor] | None = None
         prev_g: list[torch.Tensor] = []
-        prev_e = torch.empty(0)
-        prev_parts = torch.empty(0)
+        prev_e = prev_parts = pred = step  # placeholders until the first step
         tol = 8 * torch.finfo(vs[0].dtype).eps
+        fit = min(1.0, 1.8 * (1 - armijo))
     for t in range(iters):
         with torch.enable_grad():
             e_b, errs, out = energy_fn(vs)
             grads = list(torch.autograd.grad(e_b.sum(), vs))
-        parts = None
-        if traces is not None:
-            if safeguard:  # per sample, so rejected samples can keep their accepted energies
-                parts = E.layer_energies_per_sample(errs, out, y, loss)
-            else:
-                traces.append(E.layer_energies(errs, out, y, loss))
+        parts = E.layer_energies(errs, out, y, loss) if traces is not None else None
         with torch.no_grad():
             if safeguard:
-                e_b = e_b.detach()
+                e = e_b.detach().sum()
                 if prev_v is not None:
-                    rose = e_b > prev_e + tol * prev_e.abs()
-                    keep = [rose.view(-1, *[1] * (v.dim() - 1)) for v in vs]
-                    for v, pv, g, pg, k in zip(vs, prev_v, grads, prev_g, keep):
-                        v.copy_(torch.where(k, pv, v))
-                        g.copy_(torch.where(k, pg, g))
-                    e_b = torch.where(rose, prev_e, e_b)
-                    step = torch.where(rose, step * 0.5, step)
-                    if vel is not None:  # a rejected sample restarts its momentum
-                        for m, k in zip(vel, keep):
-                            m.masked_fill_(k, 0.0)
+                    rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
+                    for v, pv, g, pg in zip(vs, prev_v, grads, prev_g):
+                        v.copy_(torch.where(rose, pv, v))
+                        g.copy_(torch.where(rose, pg, g))
+                    # quadratic φ(a) = E_old − a·pred + ½κa² through E_new at a = step
+                    curv = (2 * (e - prev_e + step * pred) / step.pow(2)).clamp_min(torch.finfo(e.dtype).tiny)
+                    shrunk = torch.minimum(torch.maximum(fit * pred / curv, step * 1e-6), step * 0.5)
+                    step = torch.where(rose, shrunk, step)
+                    e = torch.where(rose, prev_e, e)
+                    if vel is not None:  # a rejected step restarts the momentum
+                        torch._foreach_mul_(vel, (~rose).to(e.dtype))
                     if parts is not None:
-                        parts = torch.where(rose[:, None], prev_parts, parts)
-                if parts is not None:
-                    traces.append(parts.sum(0))
-                    prev_parts = parts
+                        parts = torch.where(rose, prev_parts, parts)
                 prev_v = [v.detach().clone() for v in vs]
-                prev_g, prev_e = grads, e_b
+                prev_g, prev_e, prev_parts = grads, e, parts
+            if traces is not None:
+                traces.append(parts)
             if optimizer == "adam":
                 b1, b2 = 0.9, 0.999
                 torch._foreach_lerp_(vel, grads, 1 - b1)
@@ -171,20 +174,20 @@ def descend(
             else:
                 upd = grads
             if safeguard:
-                for v, u in zip(vs, upd):
-                    v.sub_(step.view(-1, *[1] * (v.dim() - 1)) * u)
+                pred = sum((g * u).sum() for g, u in zip(grads, upd))
+                torch._foreach_sub_(vs, torch._foreach_mul(upd, step))
             else:
                 torch._foreach_add_(vs, upd, alpha=-lr)
         if after_step is not None and after_step(t + 1, vs) is True:
             iters = t + 1
             break
     if safeguard and prev_v is not None:
-        # the last step is accepted only if it did not raise the energy either
+        # the last step must pass the same test
         with torch.no_grad():
             e_b, _, _ = energy_fn(vs)
-            rose = e_b > prev_e + tol * prev_e.abs()
+            rose = e_b.sum() > prev_e - armijo * step * pred + tol * prev_e.abs()
             for v, pv in zip(vs, prev_v):
-                v.copy_(torch.where(rose.view(-1, *[1] * (v.dim() - 1)), pv, v))
+                v.copy_(torch.where(rose, pv, v))
     return [v.detach() for v in vs], traces, iters
 
 

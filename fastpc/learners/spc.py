@@ -18,9 +18,10 @@ class SPC(_fast.FastPath, Learner):
     states s_1..s_{L-1} (step ``state_lr`` = λ, optional ``momentum``, or Adam with
     ``state_optimizer="adam"``), from the states ``init`` gives (FF state by default). Then the
     local weight update. ``incremental=True`` is iPC: a weight step after every inference step.
-    ``safeguard=True`` backtracks any step that raises a sample's energy.
+    ``safeguard=True`` backtracks any step that does not decrease a sample's energy by
+    ``armijo`` × its predicted decrease (``armijo=0``: any step that raises it).
     ``fast`` ("auto", True, False): the analytic fast path of :mod:`fastpc.fast` for MLP nets
-    with SGD/momentum state updates (not safeguard, Adam or incremental); same numbers.
+    with SGD/momentum state updates, safeguard included (not Adam or incremental); same numbers.
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class SPC(_fast.FastPath, Learner):
         state_optimizer: str = "sgd",
         incremental: bool = False,
         safeguard: bool = False,
+        armijo: float = 0.0,
         fast: bool | str = "auto",
     ):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init)
@@ -45,11 +47,11 @@ class SPC(_fast.FastPath, Learner):
         _check(not (safeguard and state_optimizer == "adam"), "safeguard works with state_optimizer='sgd' only")
         self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
         self.state_optimizer, self.incremental, self.safeguard = state_optimizer, bool(incremental), bool(safeguard)
+        _check(0 <= armijo < 1, f"armijo must be in [0, 1), got {armijo}")
+        self.armijo = float(armijo)
         self._init_fast(fast)
 
     def _fast_conflict(self):
-        if self.safeguard:
-            return "safeguard=True is not covered by the fast path"
         if self.state_optimizer != "sgd":
             return f"state_optimizer={self.state_optimizer!r} is not covered by the fast path"
         if self.incremental:
@@ -65,6 +67,7 @@ class SPC(_fast.FastPath, Learner):
             "state_optimizer": self.state_optimizer,
             "incremental": self.incremental,
             "safeguard": self.safeguard,
+            "armijo": self.armijo,
         }
 
     def _energy_fn(self, x, y):
@@ -92,6 +95,7 @@ class SPC(_fast.FastPath, Learner):
                 run, [s.detach() for s in states0], y, self.loss, self.iters, self.state_lr,
                 momentum=self.momentum, trace=trace, callback=callback,
                 from_ff=type(self.init) is ForwardInit,
+                safeguard=self.safeguard, armijo=self.armijo,
             )
             return self._fast_equilibrium(run, states, traces, iters, final)
         with frozen_batchnorm_stats(self.net):
@@ -104,7 +108,7 @@ class SPC(_fast.FastPath, Learner):
                 self.state_lr,
                 momentum=self.momentum,
                 optimizer=self.state_optimizer,
-                safeguard=self.safeguard,
+                safeguard=self.safeguard, armijo=self.armijo,
                 trace=trace,
                 after_step=None if callback is None else (lambda t, vs: callback(t, [v.detach() for v in vs])),
             )
