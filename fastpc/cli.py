@@ -73,7 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .train import report
 
-    print(report(args.run))
+    print(report(args.run, diagnostics=not args.no_diagnostics))
     return 0
 
 
@@ -97,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override config keys (e.g. data.root, train.device)")
     e.set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("report", help="summarise a run and redraw its plots")
+    r = sub.add_parser("report", help="summarise a run, redraw its plots, write its diagnostics")
     r.add_argument("run", metavar="RUN")
+    r.add_argument("--no-diagnostics", action="store_true",
+                   help="skip the diagnostics (energy heatmaps, alignment with BP, iterations vs depth)")
     r.set_defaults(func=cmd_report)
 
     from .bench import SUITES  # names only; a suite module is imported when it runs

@@ -380,31 +380,42 @@ def _run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     return load_config(run_dir / "config.yaml", overrides)
 
 
-def evaluate_run(run_dir: str | Path, checkpoint: str | Path | None = None,
-                 overrides: list[str] | None = None) -> dict[str, Any]:
-    """Rebuild a run's model, load its checkpoint and evaluate on val/test. Writes nothing."""
+def _load_run(run_dir: Path, checkpoint: str | Path | None, overrides: list[str] | None):
+    """Rebuild a run's config, learner (with its checkpoint) and data loaders."""
     from .data import make_loaders
 
-    run_dir = Path(run_dir)
     cfg = _run_config(run_dir, overrides)
     path = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT
     ckpt = load_checkpoint(path)
     device, dtype = resolve_device(cfg.train.device), getattr(torch, cfg.train.dtype)
     d = cfg.data
-    _, val_loader, test_loader, info = make_loaders(
+    loaders = make_loaders(
         d.name, batch_size=d.batch_size, seed=cfg.train.seed, val_split=d.val_split, root=d.root,
         download=d.download, device=device, augment=d.augment, eval_batch_size=d.eval_batch_size)
-    net = build_net(cfg, info.num_classes, info.in_shape).to(device=device, dtype=dtype)
-    _restore(build_learner(cfg, net, None), ckpt, path, cfg)
-    out = {"run_dir": str(run_dir), "checkpoint": str(path), "epoch": int(ckpt["epoch"])}
-    if val_loader is not None:
-        out["val_loss"], out["val_acc"] = evaluate(net, val_loader, cfg.learner.loss, dtype)
-    out["test_loss"], out["test_acc"] = evaluate(net, test_loader, cfg.learner.loss, dtype)
+    net = build_net(cfg, loaders.info.num_classes, loaders.info.in_shape).to(device=device, dtype=dtype)
+    learner = build_learner(cfg, net, None)
+    _restore(learner, ckpt, path, cfg)
+    return cfg, learner, loaders, path, int(ckpt["epoch"]), dtype
+
+
+def evaluate_run(run_dir: str | Path, checkpoint: str | Path | None = None,
+                 overrides: list[str] | None = None) -> dict[str, Any]:
+    """Rebuild a run's model, load its checkpoint and evaluate on val/test. Writes nothing."""
+    run_dir = Path(run_dir)
+    cfg, learner, loaders, path, epoch, dtype = _load_run(run_dir, checkpoint, overrides)
+    out = {"run_dir": str(run_dir), "checkpoint": str(path), "epoch": epoch}
+    if loaders.val is not None:
+        out["val_loss"], out["val_acc"] = evaluate(learner.net, loaders.val, cfg.learner.loss, dtype)
+    out["test_loss"], out["test_acc"] = evaluate(learner.net, loaders.test, cfg.learner.loss, dtype)
     return out
 
 
-def report(run_dir: str | Path) -> str:
-    """Redraw a run's plots from its files and return a plain-text summary table."""
+def report(run_dir: str | Path, diagnostics: bool = True) -> str:
+    """Redraw a run's plots from its files and return a plain-text summary table.
+
+    With ``diagnostics`` also write ``run_dir/diagnostics/`` from the last checkpoint on a test
+    batch: per-layer energy heatmaps (spc | epc), alignment of the update with BP per block,
+    iterations to the linear equilibrium versus depth (MLPs), and ``diagnostics.md``."""
     run_dir = Path(run_dir)
     _run_config(run_dir)
     if not (run_dir / "metrics.csv").is_file():
@@ -417,6 +428,13 @@ def report(run_dir: str | Path) -> str:
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"run {run_dir} has damaged result files ({e})") from None
     written = plots.write_run_plots(run_dir, rows, traces)
+    if diagnostics and (run_dir / CHECKPOINT).is_file():
+        from .diagnostics import write_run_diagnostics
+
+        cfg, learner, loaders, _, _, dtype = _load_run(run_dir, None, None)
+        x, y = next(iter(loaders.test))
+        x, y = x[:64].to(dtype), y[:64]
+        written += write_run_diagnostics(run_dir, learner, x, y, depth_sweep=cfg.model.arch == "mlp")
     cols = ["epoch", "train_loss", "train_acc", "train_energy", "val_acc", "test_loss", "test_acc", "seconds"]
     lines = [f"run {run_dir}  learner {summary.get('learner')}  status {summary.get('status')}",
              "  ".join(f"{c:>12}" for c in cols)]

@@ -65,8 +65,15 @@ def test_run_folder(data_root, tmp_path):
     assert len(traces[-1]["layers"][0]) == 3  # 3 blocks: two hidden errors + the output cost
     ev = evaluate_run(run)
     assert ev["test_acc"] == pytest.approx(summary["test_acc"]) and ev["epoch"] == 2
+    weights_before = (run / CHECKPOINT).read_bytes()
     text = report(run)
     assert "test_acc" in text and "curves.png" in text
+    for png in ("energy_heatmap.png", "alignment.png", "iters_vs_depth.png"):
+        assert (run / "diagnostics" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert str(run / "diagnostics" / png) in text
+    md = (run / "diagnostics" / "diagnostics.md").read_text()
+    assert "cos" in md.lower()
+    assert (run / CHECKPOINT).read_bytes() == weights_before  # report changes nothing it reads
 
 
 @pytest.mark.parametrize("learner", ["bp", "spc", "epc"])
