@@ -11,23 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tinydata import FILES, tiny_overrides, write_tiny_idx
+from tinydata import FILES, tiny_overrides
 
 from fastpc.cli import main
 from fastpc.train import CHECKPOINT
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.delenv("FASTPC_DATA", raising=False)
-    monkeypatch.delenv("FASTPC_MIRROR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return write_tiny_idx(tmp_path_factory.mktemp("tiny") / "data")
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 @pytest.fixture(scope="module")

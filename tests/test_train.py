@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tinydata import tiny_overrides, write_tiny_idx
+from tinydata import tiny_overrides
 
 import fastpc as fpc
 import fastpc.train as train_mod
@@ -17,16 +17,7 @@ from fastpc.config import load_config
 from fastpc.train import CHECKPOINT, evaluate_run, fit, load_checkpoint, lr_factor, report
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.delenv("FASTPC_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return write_tiny_idx(tmp_path_factory.mktemp("tiny") / "data")
+pytestmark = pytest.mark.usefixtures("isolated")
 
 
 def cfg_for(data_root, out, **extra):
