@@ -9,6 +9,12 @@ update here instead of through generic autograd:
   (the ones autograd would call), fused into one ``addmm`` with the error term where possible;
 - no autograd graph is built (everything runs under ``no_grad``) and no weight gradient is
   computed inside inference;
+- few and cheap elementwise ops: on small tensors GELU and its backward run ATen's own
+  kernels with oneDNN switched off for the call (oneDNN's set-up costs ~10–20 µs a call), the
+  softmax / log-softmax of a few-class output runs over the transposed view (ATen's row kernel
+  is ~3× slower for rows shorter than a SIMD vector), the one-hot targets are made once per batch, the line
+  search's softmax is exp of the log-softmax its energy already computed, and ∂ℓ/∂ŷ at the
+  final output is reused by the weight update, whose ±1/B factor goes into the product;
 - the clamped input's prediction μ_1 = f_1(x) and all pre-activations come from the one
   feedforward pass, and are reused;
 - **activity tracking** (sPC): each state carries a version; a prediction, an error or a VJP
@@ -60,7 +66,10 @@ def _act_pair(m: nn.Module) -> tuple[Act, ActGrad] | None:
         return F.relu, lambda g, a, o: _aten.threshold_backward(g, o, 0)
     if t is nn.GELU:
         ap = m.approximate
-        return (lambda a: F.gelu(a, approximate=ap)), (lambda g, a, o: _aten.gelu_backward(g, a, approximate=ap))
+        return (
+            _native_if_small(lambda a: F.gelu(a, approximate=ap), _NATIVE_FWD_MAX),
+            _native_if_small(lambda g, a, o: _aten.gelu_backward(g, a, approximate=ap), _NATIVE_BWD_MAX),
+        )
     if t is nn.Tanh:
         return torch.tanh, lambda g, a, o: _aten.tanh_backward(g, o)
     if t is nn.Sigmoid:
@@ -71,6 +80,28 @@ def _act_pair(m: nn.Module) -> tuple[Act, ActGrad] | None:
         s = m.negative_slope
         return (lambda a: F.leaky_relu(a, s)), (lambda g, a, o: _aten.leaky_relu_backward(g, a, s, False))
     return None
+
+
+# oneDNN's gelu primitives cost ~10 (forward) / ~20 µs (backward) to set up per call: on a small
+# tensor ATen's own kernels are faster, on a large one oneDNN's (crossovers measured on a 1-thread
+# AVX-512 CPU: ~16k elements forward, ~32k backward). Float64 never uses oneDNN.
+_NATIVE_FWD_MAX, _NATIVE_BWD_MAX = 16384, 32768
+
+
+def _native_if_small(fn, limit: int):
+    """``fn`` with oneDNN switched off for the call when its first argument has ≤ ``limit``
+    elements (restored after; left alone when oneDNN is already off)."""
+
+    def call(*args):
+        if args[0].numel() > limit or not torch._C._get_mkldnn_enabled():
+            return fn(*args)
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            return fn(*args)
+        finally:
+            torch._C._set_mkldnn_enabled(True)
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -155,6 +186,8 @@ class Run:
     wt: list[torch.Tensor] = field(default_factory=list)  # W_iᵀ views, index i-1
     flops: int = 0
     equilibrium: object = None  # the Equilibrium these buffers belong to
+    target: torch.Tensor | None = None  # one-hot labels (set by the relax)
+    dout: torch.Tensor | None = None  # ∂ℓ/∂ŷ at the final output o[L], when the relax has it
 
     def count(self, m: int, k: int, n: int) -> None:
         self.flops += 2 * m * k * n
@@ -178,14 +211,64 @@ def feedforward(plan: MLPPlan, x: torch.Tensor) -> Run:
     return run
 
 
+# ATen's row-wise (log-)softmax is slow when the row is shorter than a SIMD vector (10 classes:
+# ~3x slower than over the columns of the transposed view); same values up to rounding
+_FEW_CLASSES = 32
+
+
+def _softmax(yhat: torch.Tensor) -> torch.Tensor:
+    if yhat.shape[1] <= _FEW_CLASSES:
+        return torch.softmax(yhat.t(), 0).t()
+    return torch.softmax(yhat, 1)
+
+
+def _log_softmax(yhat: torch.Tensor) -> torch.Tensor:
+    if yhat.shape[1] <= _FEW_CLASSES:
+        return torch.log_softmax(yhat.t(), 0).t()
+    return torch.log_softmax(yhat, 1)
+
+
+def _one_hot(y: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``E.one_hot`` in one scatter (no range check: F.one_hot's costs a sync)."""
+    return torch.zeros(y.shape[0], n, dtype=dtype, device=y.device).scatter_(1, y.unsqueeze(1), 1.0)
+
+
 def _out_grad(yhat: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """∂ℓ/∂ŷ (summed cost): softmax(ŷ) − onehot for ce, ŷ − onehot for mse."""
     if loss == "ce":
-        return torch.softmax(yhat, dim=1).sub_(target)
+        return _softmax(yhat).sub_(target)
     return yhat - target
 
 
+def _output_cost(yhat: torch.Tensor, y: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    """``E.output_cost`` (summed over the batch, 0-d)."""
+    if loss == "ce":
+        return F.nll_loss(_log_softmax(yhat), y, reduction="sum")
+    d = (yhat - target).view(-1)
+    return torch.dot(d, d).mul_(0.5)
+
+
+def _layer_energies(
+    eps: Sequence[torch.Tensor | None], yhat: torch.Tensor, y: torch.Tensor, target: torch.Tensor, loss: str
+) -> torch.Tensor:
+    """``E.layer_energies`` with fewer ops; an error of None is exactly zero."""
+    zero = None
+    parts = []
+    for e in eps:
+        if e is None:
+            if zero is None:
+                zero = yhat.new_zeros(())
+            parts.append(zero)
+        else:
+            v = e.reshape(-1)
+            parts.append(torch.dot(v, v))
+    parts.append(_output_cost(yhat, y, target, loss).mul_(2.0))
+    return torch.stack(parts).mul_(0.5)
+
+
 Callback = Callable[[int, list[torch.Tensor]], "bool | None"]
+
+
 
 _BRANCH_ON_CPU = True  # False: the sync-free torch.where path everywhere (tests cover it on CPU)
 
@@ -213,6 +296,32 @@ class _Model:
     v: _Stack  # the variables (ε for ePC, s for sPC)
     err: _Stack  # hidden errors at the last forward
     eps: list[torch.Tensor]  # err.views
+    target: torch.Tensor
+    loss: str
+    _lsm: torch.Tensor | None = None  # log-softmax of the output at the last forward (ce)
+    _cost: torch.Tensor | None = None  # ℓ at the last forward
+
+    def cost(self, y: torch.Tensor) -> torch.Tensor:
+        """ℓ(ŷ, y) summed over the batch at the last forward (keeps the log-softmax for
+        :meth:`out_grad`)."""
+        if self._cost is None:
+            if self.loss == "ce":
+                self._lsm = _log_softmax(self.output())
+                self._cost = F.nll_loss(self._lsm, y, reduction="sum")
+            else:
+                self._cost = _output_cost(self.output(), y, self.target, self.loss)
+        return self._cost
+
+    def parts(self, y: torch.Tensor) -> torch.Tensor:
+        """Per-layer energies (L,) at the last forward."""
+        hidden = [torch.dot(e.view(-1), e.view(-1)) for e in self.eps[1:]]
+        return torch.stack([*hidden, self.cost(y) * 2.0]).mul_(0.5)
+
+    def out_grad(self) -> torch.Tensor:
+        """∂ℓ/∂ŷ at the last forward; softmax = exp(log-softmax) when :meth:`cost` ran."""
+        if self.loss == "ce" and self._lsm is not None:
+            return self._lsm.exp().sub_(self.target)
+        return _out_grad(self.output(), self.target, self.loss)
 
     def forward(self) -> None:
         """Predictions, errors and output at the current v."""
@@ -231,8 +340,7 @@ class _Model:
 
 def _batch_energy(model: _Model, y: torch.Tensor, loss: str) -> torch.Tensor:
     """E = Σ_b ℓ_b + ½‖ε‖² over the batch (0-d)."""
-    cost = E.output_cost_per_sample(model.output(), y, loss).sum()
-    return torch.dot(model.err.flat, model.err.flat).mul_(0.5).add_(cost)
+    return torch.dot(model.err.flat, model.err.flat).mul_(0.5).add_(model.cost(y))
 
 
 class _EPCModel(_Model):
@@ -243,6 +351,7 @@ class _EPCModel(_Model):
 
     def forward(self) -> None:
         run, eps, layers, L = self.run, self.eps, self.run.plan.layers, self.run.plan.depth
+        self._lsm = self._cost = None
         s_prev = run.o[1] + eps[1]
         run.s[1] = s_prev
         for i in range(2, L + 1):
@@ -256,7 +365,7 @@ class _EPCModel(_Model):
     def grad(self, out) -> None:
         # ∇_{ε_i}E = ε_i + ∂ŷ/∂s_iᵀ ∂ℓ/∂ŷ: one backward through the perturbed forward pass
         run, layers, L = self.run, self.run.plan.layers, self.run.plan.depth
-        d = layers[L - 1].delta(_out_grad(run.o[L], self.target, self.loss), run.a[L], run.o[L])
+        d = layers[L - 1].delta(self.out_grad(), run.a[L], run.o[L])
         for i in range(L - 1, 0, -1):
             w = layers[i].weight
             run.count(d.shape[0], d.shape[1], w.shape[1])
@@ -283,6 +392,7 @@ class _SPCModel(_Model):
 
     def forward(self) -> None:
         run, s, eps, layers, L = self.run, self.s, self.eps, self.run.plan.layers, self.run.plan.depth
+        self._lsm = self._cost = None
         for i in range(2, L + 1):
             a = layers[i - 1].pre(s[i - 1], run, run.wt[i - 1])
             run.a[i], run.o[i] = a, layers[i - 1].out(a)
@@ -295,7 +405,7 @@ class _SPCModel(_Model):
         for i in range(L - 1, 0, -1):
             lay = layers[i]
             if i == L - 1:
-                h = lay.delta(_out_grad(run.o[L], self.target, self.loss), run.a[L], run.o[L])
+                h = lay.delta(self.out_grad(), run.a[L], run.o[L])
                 sign = 1.0
             else:
                 h, sign = lay.delta(eps[i + 1], run.a[i + 1], run.o[i + 1]), -1.0
@@ -341,7 +451,7 @@ def _line_search(
         if not fwd_valid:
             model.forward()
         e = _batch_energy(model, y, loss)
-        parts = E.layer_energies(model.eps[1:], model.output(), y, loss) if traces is not None else None
+        parts = model.parts(y) if traces is not None else None
         model.grad(g)
         if prev_e is not None:
             rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
@@ -391,6 +501,7 @@ def _line_search(
             model.forward()
     elif not fwd_valid:
         model.forward()
+    model.run.dout = model.out_grad()
     return traces, t_run
 
 
@@ -418,7 +529,7 @@ def spc_relax(
     leaves the final a, o, eps in ``run`` for :func:`local_grads`.
     """
     layers, L = run.plan.layers, run.plan.depth
-    target = E.one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
+    target = run.target = _one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
     if safeguard:
         v = _Stack(run.s[0].shape[0], [t.shape[1] for t in states0], run.s[0])
         for view, t in zip(v.views[1:], states0):
@@ -431,7 +542,7 @@ def spc_relax(
         )
         run.s[1:L] = v.views[1:]
         run.eps = [None] + model.eps[1:]
-        return v.views[1:], traces, t_run, E.layer_energies(model.eps[1:], run.o[L], y, loss)
+        return v.views[1:], traces, t_run, model.parts(y)
     s = [run.s[0]] + [t for t in states0]  # s_1..s_{L-1} are updated in place (callers own them)
     # versions: vs[i] bumps whenever s_i moves; o_from[i] = vs[i-1] when o_i was computed;
     # eps_from[i] = (vs[i], version of o_i) when eps_i was computed
@@ -464,9 +575,8 @@ def spc_relax(
         if delta_from != o_ver[L]:
             delta, delta_from = _out_grad(run.o[L], target, loss), o_ver[L]
 
-    def parts() -> torch.Tensor:
-        zero = s[0].new_zeros(())  # an exactly-zero error contributes ½·0 = 0
-        return E.layer_energies([zero if e is None else e for e in eps[1:]], run.o[L], y, loss)
+    def parts() -> torch.Tensor:  # an exactly-zero error (None) contributes ½·0 = 0
+        return _layer_energies(eps[1:], run.o[L], y, target, loss)
 
     t_run = 0
     for t in range(iters):
@@ -485,10 +595,8 @@ def spc_relax(
                 h = None
             if h is not None:
                 run.count(h.shape[0], h.shape[1], lay.weight.shape[1])
-                if eps[i] is None:
-                    grads[i] = torch.mm(h, lay.weight)
-                    if sign < 0:
-                        grads[i].neg_()
+                if eps[i] is None:  # beta=0: s_i only gives the shape, its values are ignored
+                    grads[i] = torch.addmm(s[i], h, lay.weight, beta=0, alpha=sign)
                 else:
                     grads[i] = torch.addmm(eps[i], h, lay.weight, alpha=sign)
             elif eps[i] is not None:
@@ -517,6 +625,7 @@ def spc_relax(
     final = parts()
     run.s[1:L] = s[1:L]
     run.eps = eps
+    run.dout = delta
     return s[1:L], traces, t_run, final
 
 
@@ -542,7 +651,7 @@ def epc_relax(
     the final a, o, s, eps in ``run`` for :func:`local_grads`.
     """
     layers, L = run.plan.layers, run.plan.depth
-    target = E.one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
+    target = run.target = _one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
     if safeguard:
         v = _Stack(run.s[0].shape[0], [run.s[i].shape[1] for i in range(1, L)], run.s[0])
         if errs0 is None:
@@ -555,7 +664,7 @@ def epc_relax(
             model, y, loss, iters, lr, momentum, armijo, trace, callback, fwd_valid=errs0 is None
         )
         run.eps = [None] + v.views[1:]
-        return model.states(), traces, t_run, E.layer_energies(v.views[1:], run.o[L], y, loss)
+        return model.states(), traces, t_run, model.parts(y)
     if errs0 is None:
         eps = [None] + [torch.zeros_like(run.s[i]) for i in range(1, L)]
         fwd_valid = True
@@ -577,7 +686,7 @@ def epc_relax(
                 run.s[i] = s_prev
 
     def parts() -> torch.Tensor:
-        return E.layer_energies(eps[1:], run.o[L], y, loss)
+        return _layer_energies(eps[1:], run.o[L], y, target, loss)
 
     t_run = 0
     for t in range(iters):
@@ -619,31 +728,39 @@ def epc_relax(
 @torch.no_grad()
 def local_grads(run: Run, y: torch.Tensor, loss: str, scale: float) -> None:
     """Accumulate scale × ∇_θ E_local into ``p.grad`` (PAPERS.md §0), from the buffers the
-    relax left: ∇_{W_i} = −(ε_i ⊙ f_i'(a_i))ᵀ s_{i-1}, ∇_{W_L} = (∂ℓ/∂ŷ ⊙ f_L'(a_L))ᵀ s_{L-1}.
-    A block whose error is exactly zero gets a zero gradient without a product."""
+    relax left: ∇_{W_i} = −(ε_i ⊙ f_i'(a_i))ᵀ s_{i-1}, ∇_{W_L} = (∂ℓ/∂ŷ ⊙ f_L'(a_L))ᵀ s_{L-1}
+    (the factor ±scale goes into the product). A block whose error is exactly zero gets a zero
+    gradient without a product."""
     layers, L = run.plan.layers, run.plan.depth
-    target = E.one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
     for i in range(1, L + 1):
         lay = layers[i - 1]
         if i == L:
-            g = _out_grad(run.o[L], target, loss).mul_(scale)
+            g = run.dout
+            if g is None:
+                target = run.target if run.target is not None else _one_hot(y, lay.weight.shape[0], run.s[0].dtype)
+                g = _out_grad(run.o[L], target, loss)
+            alpha = scale
         else:
-            g = None if run.eps[i] is None else run.eps[i] * (-scale)
+            g, alpha = run.eps[i], -scale
         h = None if g is None else lay.delta(g, run.a[i], run.o[i])
         for p, kind in ((lay.weight, "w"), (lay.bias, "b")):
             if p is None or not p.requires_grad:
                 continue
             if h is None:
-                val = torch.zeros_like(p)
-            elif kind == "w":
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                continue
+            if kind == "w":
                 run.count(h.shape[1], h.shape[0], run.s[i - 1].shape[1])
-                val = torch.mm(h.t(), run.s[i - 1])
+                if p.grad is None:  # beta=0: p only gives the shape, its values are ignored
+                    p.grad = torch.addmm(p, h.t(), run.s[i - 1], beta=0, alpha=alpha)
+                else:
+                    p.grad.addmm_(h.t(), run.s[i - 1], alpha=alpha)
             else:
-                val = h.sum(0)
-            if p.grad is None:
-                p.grad = val
-            else:
-                p.grad.add_(val)
+                if p.grad is None:
+                    p.grad = h.sum(0).mul_(alpha)
+                else:
+                    p.grad.add_(h.sum(0), alpha=alpha)
 
 
 class FastPath:
@@ -703,6 +820,11 @@ class FastPath:
             L = run.plan.depth
             return [run.s[i] for i in range(1, L)], run.o[L]
         return super()._feedforward(x)  # type: ignore[misc]
+
+    def _output_cost(self, out, y):
+        if self._fast_run is not None and self._fast_run.target is not None:
+            return _output_cost(out, y, self._fast_run.target, self.loss)  # type: ignore[attr-defined]
+        return super()._output_cost(out, y)  # type: ignore[misc]
 
     def _weight_grads(self, x, y, eq):
         run = self._fast_run

@@ -267,3 +267,34 @@ def test_safeguard_callback_and_early_stop(name):
     for a, b in zip(seen[0], seen[1], strict=True):
         for s1, s2 in zip(a, b, strict=True):
             assert_close(s1, s2, **TOL)
+
+
+def test_native_gelu_restores_onednn_flag():
+    """The fast path switches oneDNN off only around small GELU calls (and leaves it off if it was)."""
+    fast, _ = _pair("spc", iters=3)
+    xs, ys = _data(n=1)
+    was = torch.backends.mkldnn.enabled
+    try:
+        for flag in (True, False):
+            torch.backends.mkldnn.enabled = flag
+            fast.step(xs[0], ys[0])
+            assert torch.backends.mkldnn.enabled is flag
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
+@pytest.mark.parametrize("n_classes", [5, 40])
+def test_few_class_softmax_and_cost(n_classes):
+    """The transposed (log-)softmax and the one-hot / cost helpers match torch's."""
+    from fastpc import energy as E
+    from fastpc.fast import _log_softmax, _one_hot, _output_cost, _softmax
+
+    g = torch.Generator().manual_seed(0)
+    yhat = torch.randn(7, n_classes, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, n_classes, (7,), generator=g)
+    assert_close(_softmax(yhat), torch.softmax(yhat, 1), **TOL)
+    assert_close(_log_softmax(yhat), torch.log_softmax(yhat, 1), **TOL)
+    target = _one_hot(y, n_classes, yhat.dtype)
+    assert torch.equal(target, E.one_hot(y, n_classes, yhat.dtype))
+    for loss in ("ce", "mse"):
+        assert_close(_output_cost(yhat, y, target, loss), E.output_cost(yhat, y, loss), **TOL)

@@ -244,12 +244,13 @@ class Learner(abc.ABC):
         ff_states, out = self._feedforward(x)
         eq = self._relax(x, y, ff_states, out, False)
         self.optimizer.zero_grad(set_to_none=True)
+        B = y.shape[0]
+        loss = self._output_cost(out, y).detach() / B  # before _weight_grads releases buffers
         self._weight_grads(x, y, eq)
         self.optimizer.step()
         self.init.observe(x, y, eq.states)
-        B = y.shape[0]
         return StepResult(
-            loss=E.output_cost(out, y, self.loss).detach() / B,
+            loss=loss,
             output=out.detach(),
             energy=eq.energy.detach() / B,
             equilibrium=eq,
@@ -298,6 +299,10 @@ class Learner(abc.ABC):
         callback: Callable[[int, list[torch.Tensor]], bool | None] | None = None,
     ) -> Equilibrium:
         """Inference from the FF state (``callback`` as in :meth:`infer`)."""
+
+    def _output_cost(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """ℓ(out, y) summed over the batch (``E.output_cost``; the fast path has a quicker one)."""
+        return E.output_cost(out, y, self.loss)
 
     def _weight_scale(self, B: int) -> float:
         """Factor applied to the local energy's gradient (1/B: batch-mean)."""
