@@ -343,6 +343,21 @@ def _batch_energy(model: _Model, y: torch.Tensor, loss: str) -> torch.Tensor:
     return torch.dot(model.err.flat, model.err.flat).mul_(0.5).add_(model.cost(y))
 
 
+def _perturbed_forward(run: Run, eps: Sequence[torch.Tensor | None]) -> None:
+    """ePC's forward pass s_1 = μ_1 + ε_1, s_i = f_i(s_{i-1}) + ε_i (μ_1 = f_1(x) cached from
+    the FF pass), storing pre-activations, outputs and states in ``run``."""
+    layers, L = run.plan.layers, run.plan.depth
+    s_prev = run.o[1] + eps[1]
+    run.s[1] = s_prev
+    for i in range(2, L + 1):
+        a = layers[i - 1].pre(s_prev, run, run.wt[i - 1])
+        o = layers[i - 1].out(a)
+        run.a[i], run.o[i] = a, o
+        if i < L:
+            s_prev = o + eps[i]
+            run.s[i] = s_prev
+
+
 class _EPCModel(_Model):
     """ePC: v = ε, s_i = f_i(s_{i-1}) + ε_i."""
 
@@ -350,17 +365,8 @@ class _EPCModel(_Model):
         self.run, self.v, self.err, self.eps, self.target, self.loss = run, v, v, v.views, target, loss
 
     def forward(self) -> None:
-        run, eps, layers, L = self.run, self.eps, self.run.plan.layers, self.run.plan.depth
         self._lsm = self._cost = None
-        s_prev = run.o[1] + eps[1]
-        run.s[1] = s_prev
-        for i in range(2, L + 1):
-            a = layers[i - 1].pre(s_prev, run, run.wt[i - 1])
-            o = layers[i - 1].out(a)
-            run.a[i], run.o[i] = a, o
-            if i < L:
-                s_prev = o + eps[i]
-                run.s[i] = s_prev
+        _perturbed_forward(self.run, self.eps)
 
     def grad(self, out) -> None:
         # ∇_{ε_i}E = ε_i + ∂ŷ/∂s_iᵀ ∂ℓ/∂ŷ: one backward through the perturbed forward pass
@@ -675,15 +681,7 @@ def epc_relax(
     traces: list[torch.Tensor] | None = [] if trace else None
 
     def forward() -> None:
-        s_prev = run.o[1] + eps[1]
-        run.s[1] = s_prev
-        for i in range(2, L + 1):
-            a = layers[i - 1].pre(s_prev, run, run.wt[i - 1])
-            o = layers[i - 1].out(a)
-            run.a[i], run.o[i] = a, o
-            if i < L:
-                s_prev = o + eps[i]
-                run.s[i] = s_prev
+        _perturbed_forward(run, eps)
 
     def parts() -> torch.Tensor:
         return _layer_energies(eps[1:], run.o[L], y, target, loss)
