@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tarfile
 import tempfile
 import http.client
@@ -323,7 +322,7 @@ def fetch(name: str, dest_dir: str | os.PathLike, timeout: float = DOWNLOAD_TIME
         errors = []
         for base in _mirrors(name, source):
             url = base if base.endswith(rf.filename) else base.rstrip("/") + "/" + rf.filename
-            print(f"fastpc: downloading {url} -> {target}", file=sys.stderr)
+            print(f"fastpc: downloading {url} -> {target}", flush=True)  # stdout: stderr is for the one error line
             try:
                 download(url, target, rf.md5, timeout=timeout)
                 break
