@@ -279,6 +279,17 @@ class Learner(abc.ABC):
         self.init.load_state_dict(state.get("init", {}))
 
     # ---- pieces subclasses compose ----------------------------------------------------
+    def _set_inference_options(
+        self, iters: int, state_lr: float, momentum: float, safeguard: bool, armijo: float
+    ) -> None:
+        """Validate and store the options every iterative-inference learner shares."""
+        _check(int(iters) == iters and iters >= 0, f"iters must be an integer >= 0, got {iters}")
+        _check(state_lr > 0, f"state_lr must be > 0, got {state_lr}")
+        _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        _check(0 <= armijo < 1, f"armijo must be in [0, 1), got {armijo}")
+        self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
+        self.safeguard, self.armijo = bool(safeguard), float(armijo)
+
     @property
     def blocks(self) -> nn.ModuleList:
         return self.net.blocks

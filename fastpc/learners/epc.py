@@ -9,7 +9,7 @@ from .. import fast as _fast
 from ..init import ForwardInit
 from ..nets import frozen_batchnorm_stats
 from . import register_learner
-from .base import Learner, _check, descend
+from .base import Learner, descend
 
 
 @register_learner("epc")
@@ -49,13 +49,8 @@ class EPC(_fast.FastPath, Learner):
         fast: bool | str = "auto",
     ):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init)
-        _check(int(iters) == iters and iters >= 0, f"iters must be an integer >= 0, got {iters}")
-        _check(state_lr > 0, f"state_lr must be > 0, got {state_lr}")
-        _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
-        self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
-        self.rescale, self.safeguard = bool(rescale), bool(safeguard)
-        _check(0 <= armijo < 1, f"armijo must be in [0, 1), got {armijo}")
-        self.armijo = float(armijo)
+        self._set_inference_options(iters, state_lr, momentum, safeguard, armijo)
+        self.rescale = bool(rescale)
         self._init_fast(fast)
 
     def options(self):

@@ -40,15 +40,10 @@ class SPC(_fast.FastPath, Learner):
         fast: bool | str = "auto",
     ):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init)
-        _check(int(iters) == iters and iters >= 0, f"iters must be an integer >= 0, got {iters}")
-        _check(state_lr > 0, f"state_lr must be > 0, got {state_lr}")
-        _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         _check(state_optimizer in ("sgd", "adam"), f"state_optimizer must be 'sgd' or 'adam', got {state_optimizer!r}")
         _check(not (safeguard and state_optimizer == "adam"), "safeguard works with state_optimizer='sgd' only")
-        self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
-        self.state_optimizer, self.incremental, self.safeguard = state_optimizer, bool(incremental), bool(safeguard)
-        _check(0 <= armijo < 1, f"armijo must be in [0, 1), got {armijo}")
-        self.armijo = float(armijo)
+        self._set_inference_options(iters, state_lr, momentum, safeguard, armijo)
+        self.state_optimizer, self.incremental = state_optimizer, bool(incremental)
         self._init_fast(fast)
 
     def _fast_conflict(self):
