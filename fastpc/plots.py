@@ -11,7 +11,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 __all__ = ["plot_curves", "plot_energy", "write_run_plots"]
 
@@ -38,6 +39,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax_loss.set(xlabel="epoch", ylabel="loss (feedforward)", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     return _save(fig, path)
@@ -59,9 +61,11 @@ def plot_energy(traces: Sequence[dict[str, Any]], path: str | Path) -> Path:
             name = "output cost" if j == n_layers - 1 else f"layer {j + 1} ½‖ε‖²"
             ax_lay.plot(range(len(layers)), [row[j] for row in layers], "-o", ms=3, label=name)
         ax_lay.set_title(f"per layer, epoch {traces[-1]['epoch']}")
+    # total energy: linear axis (its range is usually within one decade, where a log axis
+    # shows no tick labels); per-layer energies span many decades, with exact zeros: symlog
+    ax_lay.set_yscale("symlog", linthresh=1e-6)
     for ax in (ax_tot, ax_lay):
         ax.set(xlabel="inference iteration", ylabel="energy per example")
-        ax.set_yscale("symlog", linthresh=1e-6)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
