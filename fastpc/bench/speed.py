@@ -182,9 +182,13 @@ def _run_pcx(args, widths, batches, repeats) -> dict[str, Any] | None:
         cmd = [args.pcx_python, str(PCX_SCRIPT), "--data", str(path), "--widths", ",".join(map(str, widths)),
                "--iters", "5", "--state-lr", "0.1", "--repeats", str(repeats)]
         env = dict(os.environ)
-        if args.threads == 1:  # the same resources as the torch side
-            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        pin = None
+        if args.threads == 1:  # the same resources as the torch side: one thread on one core
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=1"
+            if hasattr(os, "sched_setaffinity"):
+                core = min(os.sched_getaffinity(0))
+                pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=pin)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         print(f"  PCX run failed (exit {proc.returncode}): {' | '.join(tail)}", file=sys.stderr)
@@ -391,6 +395,8 @@ def run(args: argparse.Namespace) -> int:
     args.skip_set = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.threads = _pick_threads(args.threads)
     torch.set_num_threads(args.threads)
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as the PCX side
     quick = args.quick
     n_batches = args.batches or (12 if quick else math.ceil(60000 / 128))
     n_generic = min(n_batches, 4 if quick else args.generic_batches)
