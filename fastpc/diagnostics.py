@@ -101,6 +101,13 @@ class Alignment:
     norm_ratio: torch.Tensor  # (L,)
     options: dict[str, Any] = field(default_factory=dict)
 
+    def cell(self, i: int) -> str:
+        """'cosine / norm ratio' of block i+1 for a table; a block whose update is exactly zero
+        (no signal reached it) has no direction: 'no update'."""
+        if float(self.norm_ratio[i]) == 0.0:
+            return "no update / 0"
+        return f"{float(self.cosine[i]):.3f} / {float(self.norm_ratio[i]):.3g}"
+
 
 def _block_of(name: str) -> int:
     parts = name.split(".")
@@ -313,7 +320,7 @@ def write_run_diagnostics(run_dir: str | Path, learner: Learner, x: torch.Tensor
     md += ["", "## Alignment of the weight update with BP, per block (cosine / norm ratio)", "",
            "| block | " + " | ".join(a.learner for a in aligns) + " |", "|---:|" + "---|" * len(aligns)]
     for i in range(L):
-        md.append(f"| {i + 1} | " + " | ".join(f"{float(a.cosine[i]):.3f} / {float(a.norm_ratio[i]):.3g}" for a in aligns) + " |")
+        md.append(f"| {i + 1} | " + " | ".join(a.cell(i) for a in aligns) + " |")
     if depth_sweep and L >= 2:
         width = max((b.out_features for b in net.modules() if isinstance(b, nn.Linear)), default=64)
         depths = sorted({d for d in (2, 4, 8, 12, 16, 20, L) if 2 <= d <= L})

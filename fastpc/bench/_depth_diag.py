@@ -64,7 +64,7 @@ def write(out: Path, args: argparse.Namespace, loaders, rows=None) -> tuple[str,
                "| block | " + " | ".join(f"{a.learner} η={a.options.get('state_lr')} T={a.options.get('iters')}" for a in aligns) + " |",
                "|---:|" + "---|" * len(aligns)]
         for i in range(depth):
-            md.append(f"| {i + 1} | " + " | ".join(f"{float(a.cosine[i]):.3f} / {float(a.norm_ratio[i]):.3g}" for a in aligns) + " |")
+            md.append(f"| {i + 1} | " + " | ".join(a.cell(i) for a in aligns) + " |")
     md += ["", f"Iterations to the exact equilibrium of linear MLPs (width {di.width}, MSE, 16 images, "
                f"‖s − s*‖ ≤ {di.tol}·‖s_FF − s*‖; None: not within {di.max_iters}): "
                "![iterations vs depth](depth_iters_vs_depth.png)", "",
