@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the batches (median)")
     p.add_argument("--threads", type=int, default=0, help="unused; XLA picks its own")
+    p.add_argument("--serve", action="store_true",
+                   help="after compiling, time one pass per 'time' line on stdin (printing a JSON line "
+                        "with its seconds per step) until 'quit', so the caller can interleave PCX "
+                        "with its own repeats")
     args = p.parse_args(argv)
 
     import jax
@@ -119,13 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.warmup):
         train_on_batch(args.iters, xs[i % len(xs)], ys[i % len(xs)], model=model, optim_w=optim_w, optim_h=optim_h)
     sync()
-    per_step = []
-    for _ in range(args.repeats):
+    def one_pass() -> float:
         t0 = time.perf_counter()
         for x, y in zip(xs, ys):
             train_on_batch(args.iters, x, y, model=model, optim_w=optim_w, optim_h=optim_h)
         sync()
-        per_step.append((time.perf_counter() - t0) / len(xs))
+        return (time.perf_counter() - t0) / len(xs)
+
+    per_step = []
+    if args.serve:
+        print(json.dumps({"ready": True, "compile_s": compile_s}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "time":
+                break
+            per_step.append(one_pass())
+            print(json.dumps({"step_s": per_step[-1]}), flush=True)
+    else:
+        per_step = [one_pass() for _ in range(args.repeats)]
     print(json.dumps({
         "per_step_s": per_step,
         "compile_s": compile_s,

@@ -124,7 +124,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(f"bench suite {args.suite!r} is not available ({e})") from None
     p = _Parser(prog=f"fastpc bench {args.suite}", description=suite.__doc__)
     suite.add_arguments(p)
-    return int(suite.run(p.parse_args(args.suite_args)) or 0)
+    suite_args = p.parse_args(args.suite_args)
+    suite_args.argv = list(args.suite_args)  # recorded with the results as the exact command
+    return int(suite.run(suite_args) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ Each suite is a module ``fastpc.bench.<name>`` that defines
 - ``add_arguments(parser: argparse.ArgumentParser) -> None`` — its options, and
 - ``run(args: argparse.Namespace) -> int`` — runs the suite, prints a table, writes its results
   (markdown + JSON, with the exact command that produced them) under ``benchmarks/results/``
-  and returns the exit status.
+  and returns the exit status. ``args.argv`` holds the suite's own arguments as given to
+  ``fastpc bench SUITE`` (the command to record).
 
 The CLI imports a suite only when it is asked for.
 """

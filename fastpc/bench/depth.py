@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "fastpc bench depth " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[3:]))
+    command = shlex.join(["fastpc", "bench", "depth", *getattr(args, "argv", sys.argv[3:])])
     started = time.time()
 
     def log(msg: str) -> None:

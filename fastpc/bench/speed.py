@@ -172,15 +172,18 @@ def _pick_threads(threads: str | int) -> int:
     return 1 if load >= cores - 0.5 else cores
 
 
-def _run_pcx(args, widths, batches, repeats) -> dict[str, Any] | None:
-    if not args.pcx_python:
-        return None
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "batches.npz"
+class PCXWorker:
+    """The PCX side as a long-lived process (``benchmarks/pcx_speed.py --serve``): it compiles
+    once, then times one pass over the same batches whenever asked, so its repeats interleave
+    with fastpc's and both sides see the same machine conditions."""
+
+    def __init__(self, args, widths, batches):
+        self.tmp = tempfile.TemporaryDirectory()
+        path = Path(self.tmp.name) / "batches.npz"
         np.savez(path, x=np.stack([b[0].flatten(1).numpy() for b in batches]),
                  y=np.stack([b[1].numpy() for b in batches]))
         cmd = [args.pcx_python, str(PCX_SCRIPT), "--data", str(path), "--widths", ",".join(map(str, widths)),
-               "--iters", "5", "--state-lr", "0.1", "--repeats", str(repeats)]
+               "--iters", "5", "--state-lr", "0.1", "--serve"]
         env = dict(os.environ)
         pin = None
         if args.threads == 1:  # the same resources as the torch side: one thread on one core
@@ -188,14 +191,43 @@ def _run_pcx(args, widths, batches, repeats) -> dict[str, Any] | None:
             if hasattr(os, "sched_setaffinity"):
                 core = min(os.sched_getaffinity(0))
                 pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=pin)
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        print(f"  PCX run failed (exit {proc.returncode}): {' | '.join(tail)}", file=sys.stderr)
-        return {"error": " | ".join(tail)}
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["step_s"] = statistics.median(res["per_step_s"])
-    return res
+        self.batches = len(batches)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env, preexec_fn=pin)
+        self.ready = self._reply()  # {"ready": True, "compile_s": ...} once compiled
+
+    def _reply(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = self.proc.stderr.read().strip().splitlines()[-3:]
+            raise RuntimeError(f"PCX worker exited ({self.proc.wait()}): {' | '.join(tail)}")
+        return json.loads(line)
+
+    def time_pass(self) -> float:
+        self.proc.stdin.write("time\n")
+        self.proc.stdin.flush()
+        return float(self._reply()["step_s"])
+
+    def close(self) -> dict[str, Any]:
+        """Stop the worker; its summary (per-pass seconds, versions, compile time)."""
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        res = json.loads(self.proc.stdout.read().strip().splitlines()[-1])
+        self.proc.wait()
+        self.tmp.cleanup()
+        res["step_s"] = statistics.median(res["per_step_s"])
+        return res
+
+
+def _start_pcx(args, widths, batches) -> tuple[PCXWorker | None, dict[str, Any] | None]:
+    """A PCX worker, or why there is none (None, None without --pcx-python)."""
+    if not args.pcx_python or "pcx" in args.skip_set:
+        return None, None
+    try:
+        return PCXWorker(args, widths, batches), None
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"  PCX run failed: {e}", file=sys.stderr)
+        return None, {"error": str(e)}
 
 
 # ---- sections -----------------------------------------------------------------------------
@@ -210,13 +242,15 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
     batches = _batches(X, Y, B, n_batches, args.seed)
     for c in cases:
         c.count_flops(*batches[0])
+    worker, pcx = _start_pcx(args, widths, batches)
     for r in range(repeats):
         for c in cases:
             c.time(batches if "generic" not in c.label else batches[:n_generic])
-        print(f"  {depth}x128 repeat {r + 1}/{repeats}: " + ", ".join(f"{c.label} {c.step_s * 1e3:.2f} ms" for c in cases))
-    pcx = None
-    if "pcx" not in args.skip_set:
-        pcx = _run_pcx(args, widths, batches, repeats)
+        note = f", PCX spc {worker.time_pass() * 1e3:.2f} ms" if worker is not None else ""
+        print(f"  {depth}x128 repeat {r + 1}/{repeats}: "
+              + ", ".join(f"{c.label} {c.step_s * 1e3:.2f} ms" for c in cases) + note)
+    if worker is not None:
+        pcx = worker.close()
     steps_per_epoch = math.ceil(60000 / B)
     bp = cases[0].step_s
     flops = {"bp": bp_flops(widths, B)}
@@ -369,25 +403,23 @@ def _fmt_load(load) -> str:
     return "?" if not load else ", ".join(f"{v:.2f}" for v in load)
 
 
-def _command(pcx: bool) -> str:
-    """The invocation; a local PCX interpreter path becomes ``FASTPC_PCX_PYTHON=<pcx venv python>``."""
-    argv, skip = [], False
-    for i, a in enumerate(sys.argv):
+def _command(pcx: bool, suite_argv: list[str] | None) -> str:
+    """The invocation (``fastpc bench speed ARGS`` when run through the CLI, else this process's
+    command line); a local PCX interpreter path becomes ``FASTPC_PCX_PYTHON=<pcx venv python>``."""
+    if suite_argv is not None:
+        argv = ["fastpc", "bench", "speed", *suite_argv]
+    else:
+        prog = Path(sys.argv[0]).name if sys.argv else ""
+        argv = (["python", "-m", "fastpc.bench.speed"] if prog == "speed.py" else [sys.argv[0]]) + sys.argv[1:]
+    kept, skip = [], False
+    for a in argv:
         if skip:
             skip = False
-            continue
-        if a == "--pcx-python":
+        elif a == "--pcx-python":
             skip = True
-            continue
-        if not a.startswith("--pcx-python="):
-            argv.append(a)
-    prog = Path(argv[0]).name if argv else "fastpc"
-    if prog in ("fastpc", "__main__.py") or prog.endswith("cli.py"):
-        cmd = shlex.join(["fastpc"] + argv[1:])
-    elif prog == "speed.py":
-        cmd = shlex.join(["python", "-m", "fastpc.bench.speed"] + argv[1:])
-    else:
-        cmd = shlex.join(argv)
+        elif not a.startswith("--pcx-python="):
+            kept.append(a)
+    cmd = shlex.join(kept)
     return ("FASTPC_PCX_PYTHON=<pcx venv>/bin/python " + cmd) if pcx else cmd
 
 
@@ -406,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
     except fpc.UserError as e:
         print(f"speed: {e} (or pass --synthetic)", file=sys.stderr)
         return 2
-    res: dict[str, Any] = {"command": _command(bool(args.pcx_python)), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+    res: dict[str, Any] = {"command": _command(bool(args.pcx_python), getattr(args, "argv", None)), "date": _dt.datetime.now().isoformat(timespec="seconds"),
                            "machine": _machine(), "data": data_name, "repeats": repeats, "quick": quick}
     if not args.pcx_python:
         print("speed: no PCX interpreter given (--pcx-python or FASTPC_PCX_PYTHON): the PCX column is skipped")
