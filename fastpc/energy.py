@@ -22,8 +22,8 @@ __all__ = [
     "errors",
     "error_energy_per_sample",
     "energy",
+    "energy_per_sample",
     "layer_energies",
-    "layer_energies_per_sample",
     "local_energy",
 ]
 
@@ -80,21 +80,22 @@ def error_energy_per_sample(eps: torch.Tensor) -> torch.Tensor:
     return 0.5 * eps.pow(2).flatten(1).sum(1)
 
 
+def energy_per_sample(
+    errs: Sequence[torch.Tensor], yhat: torch.Tensor, y: torch.Tensor, loss: str
+) -> torch.Tensor:
+    """E_b = Σ_i ½‖ε_{i,b}‖² + ℓ(ŷ_b, y_b) per sample, shape (B,); its sum is :func:`energy`."""
+    e = output_cost_per_sample(yhat, y, loss)
+    for eps in errs:
+        e = e + error_energy_per_sample(eps)
+    return e
+
+
 def energy(errs: Sequence[torch.Tensor], yhat: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
     """E = Σ_i ½‖ε_i‖² + ℓ(ŷ, y), summed over the batch (scalar)."""
     e = output_cost(yhat, y, loss)
     for eps in errs:
         e = e + 0.5 * eps.pow(2).sum()
     return e
-
-
-def layer_energies_per_sample(
-    errs: Sequence[torch.Tensor], yhat: torch.Tensor, y: torch.Tensor, loss: str
-) -> torch.Tensor:
-    """Per-sample, per-layer energies [½‖ε_1‖², …, ½‖ε_{L-1}‖², ℓ(ŷ, y)], shape (B, L)."""
-    parts = [error_energy_per_sample(eps.detach()) for eps in errs]
-    parts.append(output_cost_per_sample(yhat.detach(), y, loss))
-    return torch.stack(parts, dim=1)
 
 
 def layer_energies(

@@ -274,3 +274,18 @@ def test_local_update_is_minus_jacobian_times_error():
     delta = eps * (1 - torch.tanh(a) ** 2)
     assert_close(g["blocks.1.0.weight"], -(delta.T @ s1) / x.shape[0])
     assert_close(g["blocks.1.0.bias"], -delta.sum(0) / x.shape[0])
+
+
+# ---------------------------------------------------------------- energy functions
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_energy_functions_agree_with_each_other_and_autograd(loss):
+    g = torch.Generator().manual_seed(0)
+    yhat = torch.randn(5, 3, generator=g, dtype=DT, requires_grad=True)
+    y = torch.randint(0, 3, (5,), generator=g)
+    errs = [torch.randn(5, 4, generator=g, dtype=DT), torch.randn(5, 2, generator=g, dtype=DT)]
+    per_sample = E.energy_per_sample(errs, yhat, y, loss)
+    assert per_sample.shape == (5,)
+    assert_close(per_sample.sum(), E.energy(errs, yhat, y, loss))
+    assert_close(E.layer_energies(errs, yhat, y, loss).sum(), E.energy(errs, yhat, y, loss))
+    (auto,) = torch.autograd.grad(E.output_cost(yhat, y, loss), yhat)
+    assert_close(E.output_cost_grad(yhat.detach(), y, loss), auto)

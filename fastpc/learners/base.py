@@ -244,17 +244,11 @@ class Learner(abc.ABC):
         ff_states, out = self._feedforward(x)
         eq = self._relax(x, y, ff_states, out, False)
         self.optimizer.zero_grad(set_to_none=True)
-        B = y.shape[0]
-        loss = self._output_cost(out, y).detach() / B  # before _weight_grads releases buffers
+        cost = self._output_cost(out, y).detach()  # before _weight_grads releases buffers
         self._weight_grads(x, y, eq)
         self.optimizer.step()
         self.init.observe(x, y, eq.states)
-        return StepResult(
-            loss=loss,
-            output=out.detach(),
-            energy=eq.energy.detach() / B,
-            equilibrium=eq,
-        )
+        return self._step_result(cost, out, eq)
 
     def options(self) -> dict[str, Any]:
         """The learner's hyperparameters (saved with checkpoints)."""
@@ -310,6 +304,12 @@ class Learner(abc.ABC):
         callback: Callable[[int, list[torch.Tensor]], bool | None] | None = None,
     ) -> Equilibrium:
         """Inference from the FF state (``callback`` as in :meth:`infer`)."""
+
+    def _step_result(self, cost: torch.Tensor, out: torch.Tensor, eq: Equilibrium) -> StepResult:
+        """A step's result from the FF output's summed cost and the equilibrium, per example."""
+        B = out.shape[0]
+        return StepResult(loss=cost.detach() / B, output=out.detach(), energy=eq.energy.detach() / B,
+                          equilibrium=eq)
 
     def _output_cost(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """ℓ(out, y) summed over the batch (``E.output_cost``; the fast path has a quicker one)."""

@@ -6,7 +6,7 @@ import torch
 
 from .. import energy as E
 from . import register_learner
-from .base import Equilibrium, Learner, StepResult
+from .base import Equilibrium, Learner
 
 
 @register_learner("bp")
@@ -50,6 +50,4 @@ class BP(Learner):
         out = self._backward(x, y)
         self.optimizer.step()
         cost = E.output_cost(out, y, self.loss)
-        B = y.shape[0]
-        eq = Equilibrium(states=[], output=out, energy=cost, iters=0)
-        return StepResult(loss=cost / B, output=out, energy=cost / B, equilibrium=eq)
+        return self._step_result(cost, out, Equilibrium(states=[], output=out, energy=cost, iters=0))

@@ -75,33 +75,27 @@ class EPC(_fast.FastPath, Learner):
         states0 = self.init(ff_states, x, y)
         if not states0:
             return self._equilibrium(x, y, [], 0, [] if trace else None)
+        mu1 = ff_states[0].detach()  # f_1(x): the clamped input's prediction
+        errs0 = None  # the FF state's errors are exactly zero
+        if type(self.init) is not ForwardInit:
+            with frozen_batchnorm_stats(self.net), torch.no_grad():  # errors of the initial states
+                errs0 = [states0[0] - mu1] + [
+                    s - b(p) for b, p, s in zip(self.blocks[1:-1], states0[:-1], states0[1:])
+                ]
         run = self._fast_run
         if run is not None and run.x is x:
-            errs0 = None
-            if type(self.init) is not ForwardInit:
-                with torch.no_grad():  # errors of the initial states
-                    errs0 = [states0[0] - run.o[1]] + [
-                        s - b(p) for b, p, s in zip(self.blocks[1:-1], states0[:-1], states0[1:])
-                    ]
             states, traces, iters, final = _fast.epc_relax(
                 run, errs0, y, self.loss, self.iters, self.state_lr,
                 momentum=self.momentum, trace=trace, callback=callback,
                 safeguard=self.safeguard, armijo=self.armijo,
             )
             return self._fast_equilibrium(run, states, traces, iters, final)
-        mu1 = ff_states[0].detach()
-        with frozen_batchnorm_stats(self.net), torch.no_grad():
-            # errors of the initial states (all zero for the FF state)
-            errs0 = [states0[0] - mu1] + [
-                s - b(p) for b, p, s in zip(self.blocks[1:-1], states0[:-1], states0[1:])
-            ]
+        if errs0 is None:
+            errs0 = [torch.zeros_like(s) for s in states0]
 
         def energy_fn(errs):
             _, o = self._states_from_errors(x, mu1, errs)
-            e_b = E.output_cost_per_sample(o, y, self.loss)
-            for eps in errs:
-                e_b = e_b + E.error_energy_per_sample(eps)
-            return e_b, errs, o
+            return E.energy_per_sample(errs, o, y, self.loss), errs, o
 
         def after_step(t, errs):
             with torch.no_grad():

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 
 from .. import energy as E
 from .. import fast as _fast
 from ..init import ForwardInit
 from ..nets import frozen_batchnorm_stats
 from . import register_learner
-from .base import Learner, StepResult, _check, descend
+from .base import Learner, _check, descend
 
 
 @register_learner("spc")
@@ -73,10 +72,7 @@ class SPC(_fast.FastPath, Learner):
             preds = [mu1] + [b(s) for b, s in zip(blocks[1:-1], states[:-1])]
             out = blocks[-1](states[-1] if states else x)
             errs = E.errors(states, preds)
-            e_b = E.output_cost_per_sample(out, y, self.loss)
-            for eps in errs:
-                e_b = e_b + E.error_energy_per_sample(eps)
-            return e_b, errs, out
+            return E.energy_per_sample(errs, out, y, self.loss), errs, out
 
         return energy_fn
 
@@ -123,10 +119,7 @@ class SPC(_fast.FastPath, Learner):
 
         eq = self._relax(x, y, ff_states, out, False, callback=weight_step)
         self.init.observe(x, y, eq.states)
-        B = y.shape[0]
-        return StepResult(
-            loss=E.output_cost(out, y, self.loss) / B, output=out, energy=eq.energy / B, equilibrium=eq
-        )
+        return self._step_result(self._output_cost(out, y), out, eq)
 
 
 class _States:
