@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from .. import energy as E
 from .. import fast as _fast
 from ..init import ForwardInit
