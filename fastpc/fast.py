@@ -37,11 +37,23 @@ back to the generic path.
 
 Every matrix product adds its FLOPs (2·m·k·n) to :attr:`Run.flops`, the analytic count the
 speed benchmark reports; elementwise work is not counted.
+
+**The compiled step** (learner option ``compile=True``; config ``learner.compile``): the FF
+pass, inference and the local weight gradients of a training step, i.e. :func:`_step_core` over
+these same functions, traced by ``torch.compile`` into one graph (no graph breaks; the line
+search selects with ``torch.where`` instead of branching on the host, and writes its stacked
+buffers whole, since per-view writes become scatter chains inductor turns into a very slow
+kernel). Inductor fuses the elementwise work between the matrix products and the Python
+overhead goes. Measured on a 2-core CPU (1 thread): 15-20 % less time per step than the eager
+fast path on 4×128 and 20×128 GELU MLPs; compiling takes ~15-20 s (4×128) to ~70-160 s
+(20-layer ePC with the line search). Same numbers as the eager path in float64 (tested). Only
+the first batch's size is compiled; if compiling fails the learner warns once and stays eager.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -51,7 +63,8 @@ from torch import nn
 from . import energy as E
 from .nets import PCNet
 
-__all__ = ["MLPPlan", "Run", "FastPath", "plan_mlp", "feedforward", "spc_relax", "epc_relax", "local_grads"]
+__all__ = ["MLPPlan", "Run", "FastPath", "plan_mlp", "feedforward", "spc_relax", "epc_relax", "local_grads",
+           "compiled_step", "compile_unavailable"]
 
 Act = Callable[[torch.Tensor], torch.Tensor]
 # grad ⊙ f'(a) given (grad, a, f(a)), with the kernels autograd itself uses
@@ -59,13 +72,16 @@ ActGrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 _aten = torch.ops.aten
 
 
-def _act_pair(m: nn.Module) -> tuple[Act, ActGrad] | None:
-    """(forward, backward) of a supported elementwise activation module, else None."""
+def _act_pair(m: nn.Module, plain: bool = False) -> tuple[Act, ActGrad] | None:
+    """(forward, backward) of a supported elementwise activation module, else None.
+    ``plain``: no oneDNN switching (for code torch.compile traces)."""
     t = type(m)
     if t is nn.ReLU:
         return F.relu, lambda g, a, o: _aten.threshold_backward(g, o, 0)
     if t is nn.GELU:
         ap = m.approximate
+        if plain:
+            return (lambda a: F.gelu(a, approximate=ap)), (lambda g, a, o: _aten.gelu_backward(g, a, approximate=ap))
         return (
             _native_if_small(lambda a: F.gelu(a, approximate=ap), _NATIVE_FWD_MAX),
             _native_if_small(lambda g, a, o: _aten.gelu_backward(g, a, approximate=ap), _NATIVE_BWD_MAX),
@@ -104,16 +120,26 @@ def _native_if_small(fn, limit: int):
     return call
 
 
+_NARROW = 16  # an output layer with at most this many outputs computes its product transposed
+
+
 @dataclass(frozen=True)
 class _Layer:
     weight: nn.Parameter  # (out, in)
     bias: nn.Parameter | None
     act: Act | None  # None: identity
     act_grad: ActGrad | None
+    transposed: bool = False  # compute (W sᵀ + b)ᵀ: set for an output layer with few outputs
 
     def pre(self, s: torch.Tensor, run: "Run", wt: torch.Tensor) -> torch.Tensor:
-        """a = s Wᵀ + b (``wt`` = Wᵀ, a view made once per batch)."""
+        """a = s Wᵀ + b (``wt`` = Wᵀ, a view made once per batch). The output layer of a
+        classifier (``transposed``) computes (W sᵀ + b)ᵀ instead and returns that transposed
+        view: a GEMM with 10 output columns runs ~2.5x slower in MKL than with 10 rows."""
         run.count(s.shape[0], wt.shape[0], wt.shape[1])
+        if self.transposed:
+            if self.bias is None:
+                return torch.mm(self.weight, s.t()).t()
+            return torch.addmm(self.bias.unsqueeze(1), self.weight, s.t()).t()
         if self.bias is None:
             return torch.mm(s, wt)
         return torch.addmm(self.bias, s, wt)
@@ -138,7 +164,7 @@ class MLPPlan:
         return len(self.layers)
 
 
-def _parse_block(block: nn.Module, first: bool) -> _Layer | None:
+def _parse_block(block: nn.Module, first: bool, plain: bool = False) -> _Layer | None:
     mods = list(block) if isinstance(block, nn.Sequential) else [block]
     if mods and isinstance(mods[0], nn.Flatten):
         if not first or mods[0].start_dim != 1 or mods[0].end_dim != -1:
@@ -153,22 +179,25 @@ def _parse_block(block: nn.Module, first: bool) -> _Layer | None:
             continue
         if act is not None:
             return None
-        act = _act_pair(m)
+        act = _act_pair(m, plain)
         if act is None:
             return None
     return _Layer(lin.weight, lin.bias, None if act is None else act[0], None if act is None else act[1])
 
 
-def plan_mlp(net: PCNet) -> MLPPlan | None:
-    """The fast-path plan of ``net``, or None when a block is not [Flatten] Linear [act]."""
+def plan_mlp(net: PCNet, plain: bool = False) -> MLPPlan | None:
+    """The fast-path plan of ``net``, or None when a block is not [Flatten] Linear [act].
+    ``plain``: activations without oneDNN switching (the plan :func:`compiled_step` traces)."""
     layers = []
     for i, block in enumerate(net.blocks):
-        layer = _parse_block(block, first=i == 0)
+        layer = _parse_block(block, first=i == 0, plain=plain)
         if layer is None:
             return None
         layers.append(layer)
     if len(layers) < 2:
         return None
+    if layers[-1].weight.shape[0] <= _NARROW:
+        layers[-1] = dataclasses.replace(layers[-1], transposed=True)
     return MLPPlan(tuple(layers), tuple(id(b) for b in net.blocks))
 
 
@@ -244,7 +273,7 @@ def _output_cost(yhat: torch.Tensor, y: torch.Tensor, target: torch.Tensor, loss
     """``E.output_cost`` (summed over the batch, 0-d)."""
     if loss == "ce":
         return F.nll_loss(_log_softmax(yhat), y, reduction="sum")
-    d = (yhat - target).view(-1)
+    d = (yhat - target).reshape(-1)
     return torch.dot(d, d).mul_(0.5)
 
 
@@ -291,7 +320,18 @@ class _Stack:
 
 
 class _Model:
-    """What the line search needs from a learner's energy over the stacked variables ``v``."""
+    """What the line search needs from a learner's energy over the stacked variables ``v``.
+
+    ``whole``: write a stack with one copy of the concatenated layers instead of one ``out=``
+    per layer view (set for code torch.compile traces: functionalised, per-view writes become
+    a chain of scatters over the whole buffer that inductor fuses into one very slow kernel)."""
+
+    whole: bool = False
+
+    def _write(self, out: _Stack, parts: list[torch.Tensor]) -> None:
+        """``out.views[i] = parts[i-1]`` for every layer when ``whole`` (else already done)."""
+        if self.whole:
+            out.flat.copy_(torch.cat([t.reshape(-1) for t in parts]))
 
     v: _Stack  # the variables (ε for ePC, s for sPC)
     err: _Stack  # hidden errors at the last forward
@@ -372,13 +412,18 @@ class _EPCModel(_Model):
         # ∇_{ε_i}E = ε_i + ∂ŷ/∂s_iᵀ ∂ℓ/∂ŷ: one backward through the perturbed forward pass
         run, layers, L = self.run, self.run.plan.layers, self.run.plan.depth
         d = layers[L - 1].delta(self.out_grad(), run.a[L], run.o[L])
+        parts: list[torch.Tensor] = [None] * (L - 1)  # type: ignore[list-item]
         for i in range(L - 1, 0, -1):
             w = layers[i].weight
             run.count(d.shape[0], d.shape[1], w.shape[1])
             ds = torch.mm(d, w)
-            torch.add(self.eps[i], ds, out=out.views[i])
+            if self.whole:
+                parts[i - 1] = self.eps[i] + ds
+            else:
+                torch.add(self.eps[i], ds, out=out.views[i])
             if i > 1:
                 d = layers[i - 1].delta(ds, run.a[i], run.o[i])
+        self._write(out, parts)
 
     def output(self) -> torch.Tensor:
         return self.run.o[self.run.plan.depth]
@@ -402,12 +447,16 @@ class _SPCModel(_Model):
         for i in range(2, L + 1):
             a = layers[i - 1].pre(s[i - 1], run, run.wt[i - 1])
             run.a[i], run.o[i] = a, layers[i - 1].out(a)
-        for i in range(1, L):
-            torch.sub(s[i], run.o[i], out=eps[i])
+        if self.whole:
+            self._write(self.err, [s[i] - run.o[i] for i in range(1, L)])
+        else:
+            for i in range(1, L):
+                torch.sub(s[i], run.o[i], out=eps[i])
 
     def grad(self, out) -> None:
         # ∇_{s_i} E = ε_i − J_{i+1}ᵀ ε_{i+1}; the top hidden layer gets +J_Lᵀ ∂ℓ/∂ŷ instead
         run, eps, layers, L = self.run, self.eps, self.run.plan.layers, self.run.plan.depth
+        parts: list[torch.Tensor] = [None] * (L - 1)  # type: ignore[list-item]
         for i in range(L - 1, 0, -1):
             lay = layers[i]
             if i == L - 1:
@@ -416,7 +465,11 @@ class _SPCModel(_Model):
             else:
                 h, sign = lay.delta(eps[i + 1], run.a[i + 1], run.o[i + 1]), -1.0
             run.count(h.shape[0], h.shape[1], lay.weight.shape[1])
-            torch.addmm(eps[i], h, lay.weight, alpha=sign, out=out.views[i])
+            if self.whole:
+                parts[i - 1] = torch.addmm(eps[i], h, lay.weight, alpha=sign)
+            else:
+                torch.addmm(eps[i], h, lay.weight, alpha=sign, out=out.views[i])
+        self._write(out, parts)
 
     def output(self) -> torch.Tensor:
         return self.run.o[self.run.plan.depth]
@@ -436,6 +489,7 @@ def _line_search(
     trace: bool,
     callback: Callback | None,
     fwd_valid: bool,
+    sync_free: bool = False,
 ) -> tuple[list[torch.Tensor] | None, int]:
     """``descend``'s safeguarded loop: a backtracking line search on the batch energy with one
     step size (same Armijo test, restores, quadratic step fit, momentum restart and trace) on
@@ -449,7 +503,7 @@ def _line_search(
     fit = min(1.0, 1.8 * (1 - armijo))
     # on the CPU a sync is free: branch on the test (no restore when the step is accepted);
     # elsewhere select with torch.where, as descend does, and never sync
-    branch = _BRANCH_ON_CPU and v.device.type == "cpu"
+    branch = _BRANCH_ON_CPU and v.device.type == "cpu" and not sync_free
     traces: list[torch.Tensor] | None = [] if trace else None
     prev_e = prev_parts = pred = None
     t_run = 0
@@ -525,12 +579,15 @@ def spc_relax(
     from_ff: bool = False,
     safeguard: bool = False,
     armijo: float = 0.0,
+    sync_free: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int, torch.Tensor]:
     """sPC inference (SGD on the states, optional momentum, optional ``safeguard`` line search
     with ``armijo``), same maths as ``descend``.
 
     ``from_ff``: ``states0`` equal the feedforward states in ``run`` (forward init), so
     predictions and zero errors are known and only moving layers are recomputed.
+    ``sync_free``: the line search selects with ``torch.where`` instead of branching on the
+    host (what :func:`compiled_step` traces).
     Returns (states, per-layer trace list or None, iterations run, final parts (L,)), and
     leaves the final a, o, eps in ``run`` for :func:`local_grads`.
     """
@@ -538,13 +595,18 @@ def spc_relax(
     target = run.target = _one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
     if safeguard:
         v = _Stack(run.s[0].shape[0], [t.shape[1] for t in states0], run.s[0])
-        for view, t in zip(v.views[1:], states0):
-            view.copy_(t)
         model = _SPCModel(run, v, target, loss)
+        model.whole = sync_free
+        if sync_free:
+            model._write(v, list(states0))
+        else:
+            for view, t in zip(v.views[1:], states0):
+                view.copy_(t)
         if from_ff:  # predictions are the FF ones, errors exactly zero
             model.err.flat.zero_()
         traces, t_run = _line_search(
-            model, y, loss, iters, lr, momentum, armijo, trace, callback, fwd_valid=from_ff
+            model, y, loss, iters, lr, momentum, armijo, trace, callback, fwd_valid=from_ff,
+            sync_free=sync_free,
         )
         run.s[1:L] = v.views[1:]
         run.eps = [None] + model.eps[1:]
@@ -648,11 +710,13 @@ def epc_relax(
     callback: Callback | None = None,
     safeguard: bool = False,
     armijo: float = 0.0,
+    sync_free: bool = False,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int, torch.Tensor]:
     """ePC inference: SGD on the errors ε, states rebuilt by s_i = f_i(s_{i-1}) + ε_i
     (optional momentum, optional ``safeguard`` line search with ``armijo``, as ``descend``).
 
     ``errs0=None`` means ε = 0 (forward init): the first forward is the FF pass in ``run``.
+    ``sync_free`` as in :func:`spc_relax`.
     Returns (states, per-layer trace list or None, iterations run, final parts (L,)) and leaves
     the final a, o, s, eps in ``run`` for :func:`local_grads`.
     """
@@ -666,8 +730,10 @@ def epc_relax(
             for view, e in zip(v.views[1:], errs0):
                 view.copy_(e)
         model = _EPCModel(run, v, target, loss)
+        model.whole = sync_free
         traces, t_run = _line_search(
-            model, y, loss, iters, lr, momentum, armijo, trace, callback, fwd_valid=errs0 is None
+            model, y, loss, iters, lr, momentum, armijo, trace, callback, fwd_valid=errs0 is None,
+            sync_free=sync_free,
         )
         run.eps = [None] + v.views[1:]
         return model.states(), traces, t_run, model.parts(y)
@@ -724,12 +790,16 @@ def epc_relax(
 
 
 @torch.no_grad()
-def local_grads(run: Run, y: torch.Tensor, loss: str, scale: float) -> None:
+def local_grads(run: Run, y: torch.Tensor, loss: str, scale: float, collect: bool = False) -> list | None:
     """Accumulate scale × ∇_θ E_local into ``p.grad`` (PAPERS.md §0), from the buffers the
     relax left: ∇_{W_i} = −(ε_i ⊙ f_i'(a_i))ᵀ s_{i-1}, ∇_{W_L} = (∂ℓ/∂ŷ ⊙ f_L'(a_L))ᵀ s_{L-1}
     (the factor ±scale goes into the product). A block whose error is exactly zero gets a zero
-    gradient without a product."""
+    gradient without a product.
+
+    ``collect=True`` leaves ``p.grad`` alone and returns the gradients instead, one per weight
+    and bias of the plan in order (None for a parameter that does not require grad)."""
     layers, L = run.plan.layers, run.plan.depth
+    collected: list[torch.Tensor | None] = []
     for i in range(1, L + 1):
         lay = layers[i - 1]
         if i == L:
@@ -742,23 +812,84 @@ def local_grads(run: Run, y: torch.Tensor, loss: str, scale: float) -> None:
             g, alpha = run.eps[i], -scale
         h = None if g is None else lay.delta(g, run.a[i], run.o[i])
         for p, kind in ((lay.weight, "w"), (lay.bias, "b")):
-            if p is None or not p.requires_grad:
+            if p is None:
                 continue
+            if not p.requires_grad:
+                if collect:
+                    collected.append(None)
+                continue
+            acc = None if collect else p.grad
             if h is None:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                continue
-            if kind == "w":
+                grad = torch.zeros_like(p) if acc is None else acc
+            elif kind == "w":
                 run.count(h.shape[1], h.shape[0], run.s[i - 1].shape[1])
-                if p.grad is None:  # beta=0: p only gives the shape, its values are ignored
-                    p.grad = torch.addmm(p, h.t(), run.s[i - 1], beta=0, alpha=alpha)
+                if acc is None:  # beta=0: p only gives the shape, its values are ignored
+                    grad = torch.addmm(p, h.t(), run.s[i - 1], beta=0, alpha=alpha)
                 else:
-                    p.grad.addmm_(h.t(), run.s[i - 1], alpha=alpha)
+                    grad = acc.addmm_(h.t(), run.s[i - 1], alpha=alpha)
+            elif acc is None:
+                grad = h.sum(0).mul_(alpha)
             else:
-                if p.grad is None:
-                    p.grad = h.sum(0).mul_(alpha)
-                else:
-                    p.grad.add_(h.sum(0), alpha=alpha)
+                grad = acc.add_(h.sum(0), alpha=alpha)
+            if collect:
+                collected.append(grad)
+            elif acc is None:
+                p.grad = grad
+    return collected if collect else None
+
+
+# ---- the compiled step ------------------------------------------------------------------
+def compile_unavailable(device: torch.device | str = "cpu") -> str | None:
+    """Why torch.compile cannot build kernels for ``device`` here (None: it can): TorchDynamo
+    must support this Python, and the CPU backend needs a C++ compiler."""
+    import shutil
+
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the Python build
+        return f"torch.compile is not available ({type(e).__name__}: {e})"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python version"
+    if torch.device(device).type == "cpu":
+        import os
+
+        names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+        if not any(shutil.which(n) for n in names):
+            return "torch.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH"
+    return None
+
+
+def _step_core(plan: MLPPlan, kind: str, loss: str, opts: tuple, scale_fn: Callable[[int], float],
+               x: torch.Tensor, y: torch.Tensor):
+    """One training step's work up to the optimizer, from the forward-initialised state: the FF
+    pass, inference (``kind`` spc or epc) and the local weight gradients. What
+    :func:`compiled_step` compiles; the same functions as the eager fast path."""
+    iters, lr, momentum, safeguard, armijo = opts
+    run = feedforward(plan, x)
+    L = plan.depth
+    out = run.o[L]
+    cost = _output_cost(out, y, _one_hot(y, plan.layers[-1].weight.shape[0], out.dtype), loss)
+    if kind == "spc":
+        states0 = [run.s[i].clone() for i in range(1, L)]
+        states, _, _, final = spc_relax(run, states0, y, loss, iters, lr, momentum=momentum, from_ff=True,
+                                        safeguard=safeguard, armijo=armijo, sync_free=True)
+    else:
+        states, _, _, final = epc_relax(run, None, y, loss, iters, lr, momentum=momentum,
+                                        safeguard=safeguard, armijo=armijo, sync_free=True)
+    grads = local_grads(run, y, loss, scale_fn(y.shape[0]), collect=True)
+    return out, cost, list(states), run.o[L], final, grads, run.flops
+
+
+def compiled_step(plan: MLPPlan, kind: str, loss: str, opts: tuple, scale_fn: Callable[[int], float]):
+    """``torch.compile`` of :func:`_step_core` for one plan and set of options (one graph, no
+    breaks; a new batch shape compiles again). Build ``plan`` with ``plain=True``."""
+
+    def step(x: torch.Tensor, y: torch.Tensor):
+        return _step_core(plan, kind, loss, opts, scale_fn, x, y)
+
+    import os
+    mode = os.environ.get("FASTPC_COMPILE_MODE") or None
+    return torch.compile(step, dynamic=False, fullgraph=True, mode=mode)
 
 
 class FastPath:
@@ -771,14 +902,20 @@ class FastPath:
     """
 
     fast: bool | str = "auto"
+    compile: bool = False
     last_flops: int | None = None  # matmul FLOPs of the last fast-path step (2·m·k·n each)
+    compile_failed: str | None = None  # why the compiled step was given up (then eager)
     _fast_run: Run | None = None
     _fast_plan: MLPPlan | None = None
+    _compiled: tuple | None = None  # (key, compiled function, plain plan)
+    _compiled_batch: int | None = None  # the batch size the compiled step runs for
 
-    def _init_fast(self, fast: bool | str) -> None:
+    def _init_fast(self, fast: bool | str, compile: bool = False) -> None:
         if fast not in (True, False, "auto"):
             raise ValueError(f"fast must be True, False or 'auto', got {fast!r}")
-        self.fast = fast
+        if compile not in (True, False):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
+        self.fast, self.compile = fast, bool(compile)
         if fast is True:
             why = self.fast_unsupported()
             if why is not None:
@@ -801,6 +938,74 @@ class FastPath:
     def uses_fast_path(self) -> bool:
         """Whether step / grads / infer take the fast path."""
         return self.fast is not False and self.fast_unsupported() is None
+
+    @property
+    def uses_compiled_step(self) -> bool:
+        """Whether ``step`` runs the compiled step: ``compile=True``, the fast path applies, the
+        states start from the FF pass (``init="forward"``) and compiling has not failed. It runs
+        for batches of the first batch's size; others (a last, partial batch) run eagerly."""
+        from .init import ForwardInit
+
+        return (self.compile and self.compile_failed is None and type(self.init) is ForwardInit  # type: ignore[attr-defined]
+                and self.uses_fast_path)
+
+    def step(self, x, y):
+        if self.optimizer is not None and self.uses_compiled_step:  # type: ignore[attr-defined]
+            # one compiled graph per batch size costs a compile each: only the first batch's
+            # size is compiled, any other (an epoch's last, partial batch) runs eagerly
+            if self._compiled_batch is None:
+                self._compiled_batch = x.shape[0]
+            if x.shape[0] == self._compiled_batch:
+                return self._compiled_train_step(x, y)
+        return super().step(x, y)  # type: ignore[misc]
+
+    def _grads_cover_optimizer(self, opt, params, grads) -> bool:
+        """Whether every parameter ``opt`` updates gets a new gradient from ``grads`` (then
+        ``zero_grad`` is redundant: the assignment replaces every old gradient)."""
+        key = (id(opt), len(opt.param_groups), sum(len(g["params"]) for g in opt.param_groups))
+        if getattr(self, "_cover_key", None) != key:
+            fresh = {id(p) for p, g in zip(params, grads) if g is not None}
+            self._cover = all(id(p) in fresh for grp in opt.param_groups for p in grp["params"])
+            self._cover_key = key
+        return self._cover
+
+    def _compiled_train_step(self, x, y):
+        """``Learner.step`` with everything up to the optimizer in one compiled graph. If
+        compiling or running it fails, the step runs eagerly; when that works, the failure was
+        the compiler's: a warning says so and later steps stay eager (``compile_failed``)."""
+        import warnings
+
+        from .learners.base import Equilibrium
+
+        opts = (self.iters, self.state_lr, self.momentum, self.safeguard, self.armijo)  # type: ignore[attr-defined]
+        key = (self._plan().block_ids, self.loss, opts)  # type: ignore[attr-defined]
+        if self._compiled is None or self._compiled[0] != key:
+            plan = plan_mlp(self.net, plain=True)  # type: ignore[attr-defined]
+            fn = compiled_step(plan, self.name, self.loss, opts, self._weight_scale)  # type: ignore[attr-defined]
+            self._compiled = (key, fn, plan)
+        _, fn, plan = self._compiled
+        try:
+            with torch.no_grad():
+                out, cost, states, output, final, grads, flops = fn(x, y)
+        except Exception as e:  # noqa: BLE001 - decided below by re-running eagerly
+            result = super().step(x, y)  # type: ignore[misc]  # raises if the input is at fault
+            why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.compile_failed = f"{type(e).__name__}: {why}"[:300]
+            warnings.warn(f"fastpc: compiling the {self.name} step failed ({self.compile_failed}); "  # type: ignore[attr-defined]
+                          "training continues on the eager fast path", RuntimeWarning, stacklevel=3)
+            return result
+        opt = self.optimizer  # type: ignore[attr-defined]
+        params = [p for lay in plan.layers for p in (lay.weight, lay.bias) if p is not None]
+        if not self._grads_cover_optimizer(opt, params, grads):
+            opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g
+        opt.step()
+        self.last_flops = flops
+        eq = Equilibrium(states=states, output=output, energy=final.sum(), iters=self.iters)  # type: ignore[attr-defined]
+        self.init.observe(x, y, eq.states)  # type: ignore[attr-defined]
+        return self._step_result(cost, out, eq)  # type: ignore[attr-defined]
 
     def _plan(self) -> MLPPlan | None:
         blocks = self.net.blocks  # type: ignore[attr-defined]

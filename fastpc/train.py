@@ -40,7 +40,7 @@ from .learners import Learner, make_learner
 from .nets import PCNet, frozen_batchnorm_stats, mlp, resnet, vgg
 
 __all__ = ["fit", "evaluate", "evaluate_run", "report", "build_net", "build_optimizer",
-           "build_learner", "lr_factor", "save_checkpoint", "load_checkpoint", "Diverged"]
+           "build_learner", "resolve_compile", "lr_factor", "save_checkpoint", "load_checkpoint", "Diverged"]
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 CHECKPOINT_FORMAT = "fastpc-checkpoint-1"
@@ -162,12 +162,35 @@ def build_optimizer(cfg: Config, net: PCNet) -> torch.optim.Optimizer:
         return torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    try:  # one fused kernel per step (~3x less optimizer time than foreach on a small net's CPU step)
+        return cls(net.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return cls(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
 
 
-def build_learner(cfg: Config, net: PCNet, optimizer: torch.optim.Optimizer | None) -> Learner:
+COMPILE_AUTO_STEPS = 40_000  # learner.compile=auto: CPU runs at least this long compile their step
+
+
+def resolve_compile(setting: bool | str, steps: int, device: torch.device) -> bool:
+    """``learner.compile``: true/false as given; auto is true for a CPU run of at least
+    ``COMPILE_AUTO_STEPS`` training steps when torch.compile can build kernels here (measured
+    on a 2-core CPU: the compiled step is 15-20 % faster; compiling costs 15-160 s, paid back
+    after roughly 15-35 thousand steps). Off on CUDA, where it was not measured."""
+    if setting != "auto":
+        return bool(setting)
+    from .fast import compile_unavailable
+
+    return device.type == "cpu" and steps >= COMPILE_AUTO_STEPS and compile_unavailable(device) is None
+
+
+def build_learner(cfg: Config, net: PCNet, optimizer: torch.optim.Optimizer | None, steps: int = 0) -> Learner:
+    """The configured learner; ``steps`` (planned training steps) decides ``learner.compile: auto``."""
+    options = cfg.learner.options()
+    if "compile" in options:
+        device = next(net.parameters()).device
+        options["compile"] = resolve_compile(options["compile"], steps, device)
     try:
-        return make_learner(cfg.learner.name, net, optimizer=optimizer, **cfg.learner.options())
+        return make_learner(cfg.learner.name, net, optimizer=optimizer, **options)
     except (ValueError, TypeError) as e:
         raise UserError(f"learner: {e}") from None
 
@@ -251,9 +274,9 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict[str,
         download=d.download, device=device, augment=d.augment, eval_batch_size=d.eval_batch_size)
     net = build_net(cfg, info.num_classes, info.in_shape).to(device=device, dtype=dtype)
     optimizer = build_optimizer(cfg, net)
-    learner = build_learner(cfg, net, optimizer)
     steps_per_epoch = len(train_loader)
     total_steps = t.epochs * steps_per_epoch
+    learner = build_learner(cfg, net, optimizer, steps=total_steps)
     history: dict[str, list] = {"metrics": [], "energy": []}
     start_epoch = 0
 
@@ -364,6 +387,8 @@ def _summary(cfg, run_dir, learner, net, device, history, status) -> dict[str, A
         "train_seconds": sum(r["seconds"] for r in rows),
         "learner": cfg.learner.name,
         "learner_options": learner.options(),
+        "compiled_step": bool(getattr(learner, "uses_compiled_step", False)),
+        "compile_failed": getattr(learner, "compile_failed", None),
         "params": sum(p.numel() for p in net.parameters()),
         "device": str(device),
         "torch": torch.__version__,

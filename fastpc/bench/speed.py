@@ -65,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic", action="store_true", help="random data instead of Fashion-MNIST")
     p.add_argument("--out", default="benchmarks/results", help="results folder")
     p.add_argument("--skip", default="", help="comma list of sections to skip: mlp,wide,vgg,pcx")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="leave out the compiled-step rows (compiling takes ~15 s to a few minutes per net on a 2-core CPU)")
 
 
 # ---- measurements ---------------------------------------------------------------------------
@@ -118,9 +120,16 @@ class Case:
         self.times: list[float] = []
         self.flops_per_step: float | None = None
 
+    compile_s: float | None = None  # seconds of the first step of a compiled learner
+
     def time(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Per-step seconds over ``batches`` (after one untimed warm-up step)."""
+        t = time.perf_counter()
         self.learner.step(*batches[0])
+        if self.compile_s is None and getattr(self.learner, "compile", False):
+            self.compile_s = time.perf_counter() - t
+            if self.learner.compile_failed:
+                print(f"  {self.label}: compiling failed ({self.learner.compile_failed}); timed eager", file=sys.stderr)
         t = time.perf_counter()
         for x, y in batches:
             self.learner.step(x, y)
@@ -239,8 +248,15 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
     pc = {"iters": T, "state_lr": 0.1}
     cases = [Case("bp", "bp", net), Case("spc", "spc", net, **pc), Case("epc", "epc", net, **pc),
              Case("spc (generic)", "spc", net, fast=False, **pc), Case("epc (generic)", "epc", net, fast=False, **pc)]
+    if args.compile:
+        cases += [Case("spc (compiled)", "spc", net, compile=True, **pc),
+                  Case("epc (compiled)", "epc", net, compile=True, **pc)]
     batches = _batches(X, Y, B, n_batches, args.seed)
     for c in cases:
+        if "compiled" in c.label:  # compile first (timed), so the FLOP count is the compiled step's
+            c.time(batches[:1])
+            c.times.clear()
+            print(f"  {depth}x128 {c.label}: first step (compiling) {c.compile_s:.1f} s")
         c.count_flops(*batches[0])
     worker, pcx = _start_pcx(args, widths, batches)
     for r in range(repeats):
@@ -260,7 +276,8 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
         rows.append({"algo": c.label, "step_s": c.step_s, "epoch_s": c.step_s * steps_per_epoch,
                      "steps_per_s": 1 / c.step_s, "ratio_to_bp": c.step_s / bp, "fast_path": c.fast,
                      "flops_per_step": f, "gflops": None if f is None else f / c.step_s / 1e9,
-                     "timed_batches": n_generic if "generic" in c.label else len(batches)})
+                     "timed_batches": n_generic if "generic" in c.label else len(batches),
+                     "compile_s": c.compile_s})
     out: dict[str, Any] = {"net": f"mlp {depth}x128", "widths": widths, "batch": B, "iters": T,
                            "steps_per_epoch": steps_per_epoch, "rows": rows}
     if pcx is not None and "step_s" in pcx:
@@ -269,6 +286,8 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
                      "flops_per_step": None, "gflops": None, "timed_batches": pcx["batches"]})
         out["pcx"] = pcx
         out["spc_over_pcx"] = cases[1].step_s / pcx["step_s"]
+        if args.compile:
+            out["spc_compiled_over_pcx"] = cases[5].step_s / pcx["step_s"]
     elif pcx is not None:
         out["pcx"] = pcx
     ef = epc_flops(widths, B, T)
@@ -276,6 +295,10 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
     out["epc_flop_ratio"] = ef / flops["bp"]
     out["epc_over_bp_vs_flops"] = out["epc_over_bp"] / out["epc_flop_ratio"]
     out["fast_speedup"] = {"spc": cases[3].step_s / cases[1].step_s, "epc": cases[4].step_s / cases[2].step_s}
+    if args.compile:
+        out["epc_compiled_over_bp"] = cases[6].step_s / bp
+        out["compiled_speedup"] = {"spc": cases[1].step_s / cases[5].step_s, "epc": cases[2].step_s / cases[6].step_s}
+        out["compile_s"] = {"spc": cases[5].compile_s, "epc": cases[6].compile_s}
     return out
 
 
@@ -360,11 +383,16 @@ def _markdown(res: dict[str, Any]) -> str:
             lines.append(f"| {r['algo']} | {r['epoch_s']:.2f} | {r['steps_per_s']:.1f} | {r['ratio_to_bp']:.2f} | "
                          f"{_fmt(mf, '.1f')} | {_fmt(r['gflops'], '.1f')} | {r['timed_batches']} |")
         lines.append("")
+        def verdict(v):
+            return "target ≤ 0.5 met" if v <= 0.5 else ("faster than PCX, target ≤ 0.5 missed" if v <= 1
+                                                        else "SLOWER than PCX")
+
         if "spc_over_pcx" in sec:
             v = sec["spc_over_pcx"]
-            verdict = "target ≤ 0.5 met" if v <= 0.5 else ("faster than PCX" if v <= 1 else "SLOWER than PCX")
-            lines.append(f"- fastpc spc ÷ PCX spc: **{v:.2f}** ({verdict}); PCX compile {sec['pcx']['compile_s']:.1f} s "
-                         f"(jax {sec['pcx']['jax_version']}), not counted.")
+            lines.append(f"- fastpc spc ÷ PCX spc: **{v:.2f}** eager ({verdict(v)})"
+                         + (f", **{sec['spc_compiled_over_pcx']:.2f}** compiled ({verdict(sec['spc_compiled_over_pcx'])})"
+                            if "spc_compiled_over_pcx" in sec else "")
+                         + f"; PCX compile {sec['pcx']['compile_s']:.1f} s (jax {sec['pcx']['jax_version']}), not counted.")
         elif "pcx" in sec:
             lines.append(f"- PCX run failed: {sec['pcx'].get('error')}")
         else:
@@ -373,8 +401,17 @@ def _markdown(res: dict[str, Any]) -> str:
         lines.append(f"- fastpc epc ÷ bp: **{sec['epc_over_bp']:.2f}**; analytic FLOP ratio {sec['epc_flop_ratio']:.2f} "
                      f"→ {sec['epc_over_bp_vs_flops']:.2f} × the FLOP ratio (target ≤ 1.15: "
                      f"{'met' if sec['epc_over_bp'] <= lim else 'missed'}).")
+        if "epc_compiled_over_bp" in sec:
+            v = sec["epc_compiled_over_bp"]
+            lines.append(f"- compiled epc ÷ bp: **{v:.2f}** → {v / sec['epc_flop_ratio']:.2f} × the FLOP ratio "
+                         f"(target ≤ 1.15: {'met' if v <= lim else 'missed'}).")
         lines.append(f"- fast path vs generic autograd path: spc {sec['fast_speedup']['spc']:.1f}× faster, "
                      f"epc {sec['fast_speedup']['epc']:.1f}× faster.")
+        if "compiled_speedup" in sec:
+            cs, ct = sec["compiled_speedup"], sec["compile_s"]
+            lines.append(f"- compiled step vs eager fast path: spc {cs['spc']:.2f}× faster, epc {cs['epc']:.2f}× "
+                         f"faster; compiling took {_fmt(ct['spc'], '.0f')} s (spc), {_fmt(ct['epc'], '.0f')} s (epc), "
+                         "not counted (a warm inductor cache shortens it).")
         lines.append("")
     if "wide" in res:
         w = res["wide"]

@@ -47,11 +47,12 @@ class EPC(_fast.FastPath, Learner):
         safeguard: bool = True,
         armijo: float = 0.99,
         fast: bool | str = "auto",
+        compile: bool = False,
     ):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init)
         self._set_inference_options(iters, state_lr, momentum, safeguard, armijo)
         self.rescale = bool(rescale)
-        self._init_fast(fast)
+        self._init_fast(fast, compile)
 
     def options(self):
         return {

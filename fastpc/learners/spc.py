@@ -36,13 +36,14 @@ class SPC(_fast.FastPath, Learner):
         safeguard: bool = False,
         armijo: float = 0.0,
         fast: bool | str = "auto",
+        compile: bool = False,
     ):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init)
         _check(state_optimizer in ("sgd", "adam"), f"state_optimizer must be 'sgd' or 'adam', got {state_optimizer!r}")
         _check(not (safeguard and state_optimizer == "adam"), "safeguard works with state_optimizer='sgd' only")
         self._set_inference_options(iters, state_lr, momentum, safeguard, armijo)
         self.state_optimizer, self.incremental = state_optimizer, bool(incremental)
-        self._init_fast(fast)
+        self._init_fast(fast, compile)
 
     def _fast_conflict(self):
         if self.state_optimizer != "sgd":
