@@ -42,7 +42,7 @@ import torch
 
 import fastpc as fpc
 
-__all__ = ["add_arguments", "run", "matmul_gflops", "bp_flops", "epc_flops"]
+__all__ = ["add_arguments", "run", "matmul_gflops", "bp_flops", "epc_flops", "dispatch_flops"]
 
 PCX_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pcx_speed.py"
 
@@ -153,6 +153,32 @@ def _fused() -> dict[str, bool]:
         return {"fused": True}
     except (RuntimeError, TypeError, ValueError):
         return {"foreach": True}
+
+
+def dispatch_flops(learner, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Matrix-product and convolution FLOPs of one training step on any path (the generic
+    autograd path included), counted by PyTorch's FLOP formulas at the dispatcher (one step is
+    taken). ``FlopCounterMode`` itself cannot be used: its module tracker breaks
+    ``torch.autograd.grad`` on leaf tensors, which inference uses."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    registry = FlopCounterMode(display=False).flop_registry
+
+    class _Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            count = registry.get(func._overloadpacket)
+            if count is not None:
+                self.total += count(*args, **kwargs, out_val=out)
+            return out
+
+    with _Count() as c:
+        learner.step(x, y)
+    return int(c.total)
 
 
 def _batches(x, y, B, n, seed, flatten=False):
@@ -330,13 +356,17 @@ def _vgg_section(args, X, Y, n_batches, repeats) -> dict[str, Any]:
     pc = {"iters": 5, "state_lr": 0.1}
     cases = [Case("bp", "bp", net), Case("spc", "spc", net, **pc), Case("epc", "epc", net, **pc)]
     batches = _batches(X, Y, B, n_batches, args.seed)
+    for c in cases:
+        c.flops_per_step = float(dispatch_flops(c.learner, *batches[0]))
     for _ in range(repeats):
         for c in cases:
             c.time(batches)
     steps_per_epoch = math.ceil(60000 / B)
-    bp = cases[0].step_s
+    bp, bp_f = cases[0].step_s, cases[0].flops_per_step
     rows = [{"algo": c.label, "step_s": c.step_s, "epoch_s": c.step_s * steps_per_epoch, "steps_per_s": 1 / c.step_s,
-             "ratio_to_bp": c.step_s / bp, "fast_path": c.fast} for c in cases]
+             "ratio_to_bp": c.step_s / bp, "fast_path": c.fast, "flops_per_step": c.flops_per_step,
+             "gflops": c.flops_per_step / c.step_s / 1e9, "flop_ratio": c.flops_per_step / bp_f,
+             "over_flop_ratio": (c.step_s / bp) / (c.flops_per_step / bp_f)} for c in cases]
     return {"net": f"vgg5 width_mult={args.vgg_width}", "batch": B, "iters": 5, "rows": rows,
             "steps_per_epoch": steps_per_epoch, "timed_batches": len(batches)}
 
@@ -425,11 +455,14 @@ def _markdown(res: dict[str, Any]) -> str:
         v = res["vgg"]
         lines += [f"## {v['net']} on Fashion-MNIST 28×28, batch {v['batch']}, T = {v['iters']} "
                   f"({v['timed_batches']} batches timed)", "",
-                  "| algorithm | s / epoch | steps / s | ÷ bp | fast path |", "|---|---:|---:|---:|---|"]
+                  "| algorithm | s / epoch | steps / s | ÷ bp | MFLOP / step | FLOP ratio to bp | ÷ bp ÷ FLOP ratio "
+                  "| GFLOP/s | fast path |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in v["rows"]:
             lines.append(f"| {r['algo']} | {r['epoch_s']:.1f} | {r['steps_per_s']:.2f} | {r['ratio_to_bp']:.2f} | "
-                         f"{'yes' if r['fast_path'] else 'no (generic)'} |")
-        lines.append("")
+                         f"{r['flops_per_step'] / 1e6:.0f} | {r['flop_ratio']:.2f} | {r['over_flop_ratio']:.2f} | "
+                         f"{r['gflops']:.1f} | {'yes' if r['fast_path'] else 'no (generic)'} |")
+        lines += ["", "FLOPs here are counted at the dispatcher for the path that runs (matrix products and "
+                  "convolutions, forward and backward, PyTorch's formulas)", ""]
     lines += ["Epoch seconds = median seconds per step × 469 steps (60,000 / 128). FLOPs: 2·m·k·n per matrix "
               "product, elementwise work and the optimizer not counted; spc/epc counted by the fast path "
               "(sPC skips products on exactly-zero errors), bp = forward + weight grads + input grads.", ""]
