@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the batches (median)")
     p.add_argument("--threads", type=int, default=0, help="unused; XLA picks its own")
     p.add_argument("--serve", action="store_true",
-                   help="after compiling, time one pass per 'time' line on stdin (printing a JSON line "
-                        "with its seconds per step) until 'quit', so the caller can interleave PCX "
-                        "with its own repeats")
+                   help="after compiling, time one pass per 'time' line on stdin ('time START COUNT': "
+                        "those batches only), printing a JSON line with its seconds per step, until "
+                        "'quit', so the caller can interleave PCX with its own runs")
     args = p.parse_args(argv)
 
     import jax
@@ -123,20 +123,27 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.warmup):
         train_on_batch(args.iters, xs[i % len(xs)], ys[i % len(xs)], model=model, optim_w=optim_w, optim_h=optim_h)
     sync()
-    def one_pass() -> float:
+    def one_pass(start: int = 0, count: int | None = None) -> float:
+        """Seconds per step over batches start .. start + count (all by default), after one
+        untimed warm-up step (as the fastpc side does)."""
+        stop = len(xs) if count is None else start + count
+        train_on_batch(args.iters, xs[start], ys[start], model=model, optim_w=optim_w, optim_h=optim_h)
+        sync()
         t0 = time.perf_counter()
-        for x, y in zip(xs, ys):
+        for x, y in zip(xs[start:stop], ys[start:stop]):
             train_on_batch(args.iters, x, y, model=model, optim_w=optim_w, optim_h=optim_h)
         sync()
-        return (time.perf_counter() - t0) / len(xs)
+        return (time.perf_counter() - t0) / (stop - start)
 
     per_step = []
     if args.serve:
         print(json.dumps({"ready": True, "compile_s": compile_s}), flush=True)
         for line in sys.stdin:
-            if line.strip() != "time":
+            words = line.split()
+            if not words or words[0] != "time":
                 break
-            per_step.append(one_pass())
+            rng = (int(words[1]), int(words[2])) if len(words) == 3 else (0, None)
+            per_step.append(one_pass(*rng))
             print(json.dumps({"step_s": per_step[-1]}), flush=True)
     else:
         per_step = [one_pass() for _ in range(args.repeats)]

@@ -143,7 +143,7 @@ class LearnerConfig:
     compile: bool | Literal["auto"] = "auto"
     """spc/epc on an MLP with init forward: run each training step (FF pass, inference, local
     update) as one torch.compile graph, for batches of the training batch size. Same maths as
-    the eager fast path, ~15-20 % faster per step on a 2-core CPU, after 15-160 s of
+    the eager fast path, 10-35 % less time per step on a 2-core CPU, after 15-160 s of
     compiling. auto: on for CPU runs of at least 40,000 training steps (where that pays back)
     when a C++ compiler is available; off on CUDA (not measured there: set true to try it)."""
 

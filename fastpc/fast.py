@@ -44,9 +44,9 @@ these same functions, traced by ``torch.compile`` into one graph (no graph break
 search selects with ``torch.where`` instead of branching on the host, and writes its stacked
 buffers whole, since per-view writes become scatter chains inductor turns into a very slow
 kernel). Inductor fuses the elementwise work between the matrix products and the Python
-overhead goes. Measured on a 2-core CPU (1 thread): 15-20 % less time per step than the eager
-fast path on 4×128 and 20×128 GELU MLPs; compiling takes ~15-20 s (4×128) to ~70-160 s
-(20-layer ePC with the line search). Same numbers as the eager path in float64 (tested). Only
+overhead goes. Measured on a 2-core CPU: 10-35 % less time per step than the eager fast path
+on 4×128 and 20×128 GELU MLPs (``benchmarks/results/speed.md``); compiling takes ~15-25 s
+(4×128) to ~70-160 s (20-layer ePC with the line search) with a cold inductor cache. Same numbers as the eager path in float64 (tested). Only
 the first batch's size is compiled; if compiling fails the learner warns once and stays eager.
 """
 
@@ -882,14 +882,15 @@ def _step_core(plan: MLPPlan, kind: str, loss: str, opts: tuple, scale_fn: Calla
 
 def compiled_step(plan: MLPPlan, kind: str, loss: str, opts: tuple, scale_fn: Callable[[int], float]):
     """``torch.compile`` of :func:`_step_core` for one plan and set of options (one graph, no
-    breaks; a new batch shape compiles again). Build ``plan`` with ``plain=True``."""
+    breaks; a new batch shape compiles again). Build ``plan`` with ``plain=True``. On the CPU
+    the graph's launcher is generated C++ too (inductor's ``cpp_wrapper``: 2-5 % less time
+    per step than its Python launcher on a 4×128 MLP)."""
 
     def step(x: torch.Tensor, y: torch.Tensor):
         return _step_core(plan, kind, loss, opts, scale_fn, x, y)
 
-    import os
-    mode = os.environ.get("FASTPC_COMPILE_MODE") or None
-    return torch.compile(step, dynamic=False, fullgraph=True, mode=mode)
+    inductor = {"cpp_wrapper": True} if plan.layers[0].weight.device.type == "cpu" else None
+    return torch.compile(step, dynamic=False, fullgraph=True, options=inductor)
 
 
 class FastPath:

@@ -174,7 +174,7 @@ COMPILE_AUTO_STEPS = 40_000  # learner.compile=auto: CPU runs at least this long
 def resolve_compile(setting: bool | str, steps: int, device: torch.device) -> bool:
     """``learner.compile``: true/false as given; auto is true for a CPU run of at least
     ``COMPILE_AUTO_STEPS`` training steps when torch.compile can build kernels here (measured
-    on a 2-core CPU: the compiled step is 15-20 % faster; compiling costs 15-160 s, paid back
+    on a 2-core CPU: the compiled step takes 10-35 % less time; compiling costs 15-160 s, paid back
     after roughly 15-35 thousand steps). Off on CUDA, where it was not measured."""
     if setting != "auto":
         return bool(setting)

@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic", action="store_true", help="random data instead of Fashion-MNIST")
     p.add_argument("--out", default="benchmarks/results", help="results folder")
     p.add_argument("--skip", default="", help="comma list of sections to skip: mlp,wide,vgg,pcx")
+    p.add_argument("--chunk", type=int, default=39,
+                   help="MLP sections: batches each case (and PCX) runs in turn before the next takes over "
+                        "(468 batches = 12 chunks of 39)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out the compiled-step rows (compiling takes ~15 s to a few minutes per net on a 2-core CPU)")
 
@@ -134,6 +137,11 @@ class Case:
         for x, y in batches:
             self.learner.step(x, y)
         self.times.append((time.perf_counter() - t) / len(batches))
+
+    def time_chunk(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Seconds for ``batches`` (after one untimed warm-up step), not recorded."""
+        self.time(batches)
+        return self.times.pop() * len(batches)
 
     def count_flops(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Matmul FLOPs of one step as the fast path runs it (None on the generic path)."""
@@ -238,8 +246,9 @@ class PCXWorker:
             raise RuntimeError(f"PCX worker exited ({self.proc.wait()}): {' | '.join(tail)}")
         return json.loads(line)
 
-    def time_pass(self) -> float:
-        self.proc.stdin.write("time\n")
+    def time_pass(self, start: int = 0, count: int | None = None) -> float:
+        """Seconds per step over batches ``start`` .. ``start + count`` (default: all)."""
+        self.proc.stdin.write("time\n" if count is None else f"time {start} {count}\n")
         self.proc.stdin.flush()
         return float(self._reply()["step_s"])
 
@@ -285,14 +294,35 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
             print(f"  {depth}x128 {c.label}: first step (compiling) {c.compile_s:.1f} s")
         c.count_flops(*batches[0])
     worker, pcx = _start_pcx(args, widths, batches)
+    chunk = max(1, args.chunk)
+    pcx_times: list[float] = []
     for r in range(repeats):
+        # every case (and PCX) runs chunk after chunk of the same batches in turn, so a drift
+        # in the machine's speed (large on a shared VM) falls on all of them alike
+        spent = {c.label: 0.0 for c in cases}
+        pcx_s = 0.0
+        for start in range(0, len(batches), chunk):
+            part = batches[start:start + chunk]
+            for c in cases:
+                if "generic" not in c.label:
+                    spent[c.label] += c.time_chunk(part)
+            if worker is not None:
+                pcx_s += worker.time_pass(start, len(part)) * len(part)
         for c in cases:
-            c.time(batches if "generic" not in c.label else batches[:n_generic])
-        note = f", PCX spc {worker.time_pass() * 1e3:.2f} ms" if worker is not None else ""
+            if "generic" in c.label:
+                c.time(batches[:n_generic])
+            else:
+                c.times.append(spent[c.label] / len(batches))
+        note = ""
+        if worker is not None:
+            pcx_times.append(pcx_s / len(batches))
+            note = f", PCX spc {pcx_times[-1] * 1e3:.2f} ms"
         print(f"  {depth}x128 repeat {r + 1}/{repeats}: "
-              + ", ".join(f"{c.label} {c.step_s * 1e3:.2f} ms" for c in cases) + note)
+              + ", ".join(f"{c.label} {c.times[-1] * 1e3:.2f} ms" for c in cases) + note)
     if worker is not None:
         pcx = worker.close()
+        pcx["per_step_s"] = pcx_times  # the interleaved chunks, one figure per repeat
+        pcx["step_s"] = statistics.median(pcx_times)
     steps_per_epoch = math.ceil(60000 / B)
     bp = cases[0].step_s
     flops = {"bp": bp_flops(widths, B)}
@@ -401,7 +431,9 @@ def _markdown(res: dict[str, Any]) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
              f"Python {m['python']}  ",
              f"Load average at start / end: {_fmt_load(m.get('loadavg_start'))} / {_fmt_load(m.get('loadavg_end'))}  ",
-             f"Data: {res['data']}; repeats {res['repeats']} (median), algorithms interleaved per repeat.  ",
+             f"Data: {res['data']}; repeats {res['repeats']} (median); on the MLPs every algorithm, PCX "
+             f"included, runs {res.get('chunk', '?')} batches in turn (then the next), so machine drift falls on all "
+             "alike; the generic-path rows and the other sections take turns once per repeat.  ",
              f"Measured fp32 matmul rate (1024² torch.mm): **{res['matmul_gflops']:.1f} GFLOP/s**", ""]
     for sec in res.get("mlp", []):
         lines += [f"## {sec['net']} (widths {sec['widths'][0]}→…→{sec['widths'][-1]}, batch {sec['batch']}, "
@@ -509,7 +541,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"speed: {e} (or pass --synthetic)", file=sys.stderr)
         return 2
     res: dict[str, Any] = {"command": _command(bool(args.pcx_python), getattr(args, "argv", None)), "date": _dt.datetime.now().isoformat(timespec="seconds"),
-                           "machine": _machine(), "data": data_name, "repeats": repeats, "quick": quick}
+                           "machine": _machine(), "data": data_name, "repeats": repeats, "quick": quick,
+                           "chunk": args.chunk}
     if not args.pcx_python:
         print("speed: no PCX interpreter given (--pcx-python or FASTPC_PCX_PYTHON): the PCX column is skipped")
     t0 = time.perf_counter()
