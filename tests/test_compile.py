@@ -144,3 +144,38 @@ def test_learner_compile_setting(tmp_path):
     assert resolve_compile("auto", COMPILE_AUTO_STEPS - 1, cpu) is False
     assert resolve_compile("auto", COMPILE_AUTO_STEPS, cpu) is (WHY_NOT is None)
     assert resolve_compile("auto", 10**9, cuda) is False
+
+
+@needs_compile
+def test_compiled_training_resumes_bit_for_bit(data_root, tmp_path, monkeypatch, isolated):
+    """``learner.compile: true`` through ``fit``: a run killed in epoch 2 and resumed ends with
+    the weights of the uninterrupted run (a cosine schedule over 3 epochs)."""
+    import fastpc.train as train_mod
+    from tinydata import tiny_overrides
+
+    extra = {"train.epochs": 3, "optim.schedule": "warmup_cosine", "optim.warmup": 0.2, "learner.name": "spc",
+             "learner.compile": True}
+
+    def cfg(out):
+        return load_config(None, tiny_overrides(data_root, out, **extra))
+
+    summary = train_mod.fit(cfg(tmp_path / "full"))
+    assert summary["compiled_step"] is True and summary["compile_failed"] is None
+    calls = {"n": 0}
+    real = train_mod.evaluate
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.fit(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(train_mod, "evaluate", real)
+    train_mod.fit(cfg(tmp_path / "cut"), resume=True)
+    full = train_mod.load_checkpoint(tmp_path / "full" / train_mod.CHECKPOINT)["learner"]["net"]
+    cut = train_mod.load_checkpoint(tmp_path / "cut" / train_mod.CHECKPOINT)["learner"]["net"]
+    for k in full:
+        assert torch.equal(full[k], cut[k]), k
