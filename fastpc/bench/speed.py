@@ -68,8 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=39,
                    help="MLP sections: batches each case (and PCX) runs in turn before the next takes over "
                         "(468 batches = 12 chunks of 39)")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="leave out the compiled-step rows (compiling takes ~15 s to a few minutes per net on a 2-core CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                   help="leave out the compiled-step rows (compiling takes ~15 s to a few minutes per net on a "
+                        "2-core CPU; left out by default with --quick)")
+    p.add_argument("--compile", dest="compile", action="store_true", help="time the compiled step even with --quick")
 
 
 # ---- measurements ---------------------------------------------------------------------------
@@ -532,6 +534,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads == 1 and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core, as the PCX side
     quick = args.quick
+    if args.compile is None:
+        args.compile = not quick
     n_batches = args.batches or (12 if quick else math.ceil(60000 / 128))
     n_generic = min(n_batches, 4 if quick else args.generic_batches)
     repeats = 2 if quick and args.repeats == 3 else args.repeats
