@@ -867,8 +867,7 @@ def _step_core(plan: MLPPlan, kind: str, loss: str, opts: tuple, scale_fn: Calla
     iters, lr, momentum, safeguard, armijo = opts
     run = feedforward(plan, x)
     L = plan.depth
-    out = run.o[L]
-    cost = _output_cost(out, y, _one_hot(y, plan.layers[-1].weight.shape[0], out.dtype), loss)
+    out = run.o[L]  # the FF output: the relax replaces run.o[L], never writes into it
     if kind == "spc":
         states0 = [run.s[i].clone() for i in range(1, L)]
         states, _, _, final = spc_relax(run, states0, y, loss, iters, lr, momentum=momentum, from_ff=True,
@@ -876,6 +875,7 @@ def _step_core(plan: MLPPlan, kind: str, loss: str, opts: tuple, scale_fn: Calla
     else:
         states, _, _, final = epc_relax(run, None, y, loss, iters, lr, momentum=momentum,
                                         safeguard=safeguard, armijo=armijo, sync_free=True)
+    cost = _output_cost(out, y, run.target, loss)  # the one-hot targets the relax made
     grads = local_grads(run, y, loss, scale_fn(y.shape[0]), collect=True)
     return out, cost, list(states), run.o[L], final, grads, run.flops
 

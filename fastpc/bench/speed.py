@@ -171,9 +171,7 @@ def dispatch_flops(learner, x: torch.Tensor, y: torch.Tensor) -> int:
     taken). ``FlopCounterMode`` itself cannot be used: its module tracker breaks
     ``torch.autograd.grad`` on leaf tensors, which inference uses."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import FlopCounterMode
-
-    registry = FlopCounterMode(display=False).flop_registry
+    from torch.utils.flop_counter import flop_registry as registry
 
     class _Count(TorchDispatchMode):
         total = 0
