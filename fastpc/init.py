@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ._registry import registrar
+
 __all__ = ["StateInit", "register_init", "make_init", "list_inits"]
 
 
@@ -40,14 +42,8 @@ _REGISTRY: dict[str, Callable[..., StateInit]] = {}
 
 
 def register_init(name: str) -> Callable[[type[StateInit]], type[StateInit]]:
-    def deco(cls: type[StateInit]) -> type[StateInit]:
-        if name in _REGISTRY:
-            raise ValueError(f"state initializer {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
+    """Class decorator: ``@register_init("forward")``."""
+    return registrar(_REGISTRY, "state initializer", name)
 
 
 def list_inits() -> list[str]:

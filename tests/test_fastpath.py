@@ -36,6 +36,27 @@ def _pair(name, widths=(16, 12, 10, 9, 5), act="gelu", **opts):
     return learners
 
 
+def _infer_both_stopping_at(fast, ref, stop: int):
+    """Traced inference of both learners on one batch with a callback that records the states
+    it is shown and stops at iteration ``stop``; the recorded states must agree step by step."""
+    xs, ys = _data(n=1)
+    seen: list[list] = [[], []]
+
+    def cb(k):
+        def f(t, states):
+            seen[k].append([s.clone() for s in states])
+            return t == stop
+
+        return f
+
+    e1 = fast.infer(xs[0], ys[0], trace=True, callback=cb(0))
+    e2 = ref.infer(xs[0], ys[0], trace=True, callback=cb(1))
+    for a, b in zip(seen[0], seen[1], strict=True):
+        for s1, s2 in zip(a, b, strict=True):
+            assert_close(s1, s2, **TOL)
+    return e1, e2
+
+
 def _assert_eq_same(e1, e2):
     assert e1.iters == e2.iters
     for a, b in zip(e1.states, e2.states, strict=True):
@@ -107,23 +128,9 @@ def test_deep_net_signal_tracking(name):
 @pytest.mark.parametrize("name", ["spc", "epc"])
 def test_callback_and_early_stop(name):
     fast, ref = _pair(name, iters=8, state_lr=0.2)
-    xs, ys = _data(n=1)
-    seen: list[list] = [[], []]
-
-    def cb(k):
-        def f(t, states):
-            seen[k].append([s.clone() for s in states])
-            return t == 3
-
-        return f
-
-    e1 = fast.infer(xs[0], ys[0], trace=True, callback=cb(0))
-    e2 = ref.infer(xs[0], ys[0], trace=True, callback=cb(1))
+    e1, e2 = _infer_both_stopping_at(fast, ref, 3)
     assert e1.iters == 3
     _assert_eq_same(e1, e2)
-    for a, b in zip(seen[0], seen[1], strict=True):
-        for s1, s2 in zip(a, b, strict=True):
-            assert_close(s1, s2, **TOL)
 
 
 def test_float32_close():
@@ -250,23 +257,9 @@ def test_safeguard_sync_free_path(name, monkeypatch):
 @pytest.mark.parametrize("name", ["spc", "epc"])
 def test_safeguard_callback_and_early_stop(name):
     fast, ref = _pair(name, widths=WIDTHS5, iters=8, state_lr=5.0, momentum=0.5, safeguard=True, armijo=0.5)
-    xs, ys = _data(n=1)
-    seen: list[list] = [[], []]
-
-    def cb(k):
-        def f(t, states):
-            seen[k].append([s.clone() for s in states])
-            return t == 4
-
-        return f
-
-    e1 = fast.infer(xs[0], ys[0], trace=True, callback=cb(0))
-    e2 = ref.infer(xs[0], ys[0], trace=True, callback=cb(1))
+    e1, e2 = _infer_both_stopping_at(fast, ref, 4)
     assert e1.iters == 4 and _rejected(e2)
     _assert_eq_same(e1, e2)
-    for a, b in zip(seen[0], seen[1], strict=True):
-        for s1, s2 in zip(a, b, strict=True):
-            assert_close(s1, s2, **TOL)
 
 
 def test_native_gelu_restores_onednn_flag():

@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from .._registry import registrar
 from ..nets import PCNet
 from .base import Equilibrium, Learner, StepResult
 
@@ -16,15 +17,7 @@ _REGISTRY: dict[str, type[Learner]] = {}
 
 def register_learner(name: str) -> Callable[[type[Learner]], type[Learner]]:
     """Class decorator: ``@register_learner("epc")``."""
-
-    def deco(cls: type[Learner]) -> type[Learner]:
-        if name in _REGISTRY:
-            raise ValueError(f"learner {name!r} is already registered")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
+    return registrar(_REGISTRY, "learner", name)
 
 
 def list_learners() -> list[str]:
