@@ -46,14 +46,16 @@ buffers whole, since per-view writes become scatter chains inductor turns into a
 kernel). Inductor fuses the elementwise work between the matrix products and the Python
 overhead goes. Measured on a 2-core CPU: 10-35 % less time per step than the eager fast path
 on 4×128 and 20×128 GELU MLPs (``benchmarks/results/speed.md``); compiling takes ~15-25 s
-(4×128) to ~70-160 s (20-layer ePC with the line search) with a cold inductor cache. Same numbers as the eager path in float64 (tested). Only
-the first batch's size is compiled; if compiling fails the learner warns once and stays eager.
+(4×128) to ~70-160 s (20-layer ePC with the line search) with a cold inductor cache. Same
+numbers as the eager path in float64 (tested). Only the first batch's size is compiled; if
+compiling fails the learner warns once and stays eager.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import energy as E
+from .init import ForwardInit
 from .nets import PCNet
 
 __all__ = ["MLPPlan", "Run", "FastPath", "plan_mlp", "feedforward", "spc_relax", "epc_relax", "local_grads",
@@ -945,8 +948,6 @@ class FastPath:
         """Whether ``step`` runs the compiled step: ``compile=True``, the fast path applies, the
         states start from the FF pass (``init="forward"``) and compiling has not failed. It runs
         for batches of the first batch's size; others (a last, partial batch) run eagerly."""
-        from .init import ForwardInit
-
         return (self.compile and self.compile_failed is None and type(self.init) is ForwardInit  # type: ignore[attr-defined]
                 and self.uses_fast_path)
 
@@ -974,8 +975,6 @@ class FastPath:
         """``Learner.step`` with everything up to the optimizer in one compiled graph. If
         compiling or running it fails, the step runs eagerly; when that works, the failure was
         the compiler's: a warning says so and later steps stay eager (``compile_failed``)."""
-        import warnings
-
         from .learners.base import Equilibrium
 
         opts = (self.iters, self.state_lr, self.momentum, self.safeguard, self.armijo)  # type: ignore[attr-defined]
