@@ -128,7 +128,12 @@ class Case:
     compile_s: float | None = None  # seconds of the first step of a compiled learner
 
     def time(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Per-step seconds over ``batches`` (after one untimed warm-up step)."""
+        """Record the per-step seconds over ``batches`` (after one untimed warm-up step)."""
+        self.times.append(self.time_chunk(batches) / len(batches))
+
+    def time_chunk(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Seconds for ``batches`` after one untimed warm-up step (for a compiled learner, the
+        first warm-up step's seconds are its compile time), not recorded."""
         t = time.perf_counter()
         self.learner.step(*batches[0])
         if self.compile_s is None and getattr(self.learner, "compile", False):
@@ -138,12 +143,7 @@ class Case:
         t = time.perf_counter()
         for x, y in batches:
             self.learner.step(x, y)
-        self.times.append((time.perf_counter() - t) / len(batches))
-
-    def time_chunk(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Seconds for ``batches`` (after one untimed warm-up step), not recorded."""
-        self.time(batches)
-        return self.times.pop() * len(batches)
+        return time.perf_counter() - t
 
     def count_flops(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Matmul FLOPs of one step as the fast path runs it (None on the generic path)."""
@@ -289,8 +289,7 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
     batches = _batches(X, Y, B, n_batches, args.seed)
     for c in cases:
         if "compiled" in c.label:  # compile first (timed), so the FLOP count is the compiled step's
-            c.time(batches[:1])
-            c.times.clear()
+            c.time_chunk(batches[:1])
             print(f"  {depth}x128 {c.label}: first step (compiling) {c.compile_s:.1f} s")
         c.count_flops(*batches[0])
     worker, pcx = _start_pcx(args, widths, batches)
