@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-
-PRESETS = Path(__file__).resolve().parent.parent / "configs"
+from .presets import list_presets, preset_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,15 +28,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_path(name: str) -> Path:
-    """A YAML path, or the name of a preset in configs/ (``cifar10-vgg5-epc``)."""
+    """A YAML path, or the name of a preset in fastpc/presets/ (``cifar10-vgg5-epc``)."""
     path = Path(name)
     if path.is_file() or path.suffix in (".yaml", ".yml") or "/" in name:
         return path
-    preset = PRESETS / f"{name}.yaml"
-    if preset.is_file():
+    preset = preset_path(name)
+    if preset is not None:
         return preset
-    known = sorted(p.stem for p in PRESETS.glob("*.yaml")) if PRESETS.is_dir() else []
-    raise UserError(f"config {name!r} is neither a file nor a preset; presets: {', '.join(known) or 'none'}")
+    known = ", ".join(list_presets()) or "none"
+    raise UserError(f"config {name!r} is neither a file nor a preset; presets: {known}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     t = sub.add_parser("train", help="train a model; no CONFIG runs the built-in quickstart")
-    t.add_argument("config", nargs="?", help="YAML file or preset name from configs/ (default: quickstart)")
+    t.add_argument("config", nargs="?", help="YAML file or preset name (default: quickstart); presets: "
+                   + ", ".join(list_presets()))
     t.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. --set learner.iters=10 optim.lr=3e-4")
     t.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last checkpoint")

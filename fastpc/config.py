@@ -1,11 +1,11 @@
 """Typed run configuration: YAML file -> ``--set`` overrides -> validated :class:`Config`.
 
 Five sections, one dataclass each, every field documented. The dataclass defaults *are* the
-built-in quickstart (ePC on a 4-layer MLP on Fashion-MNIST for one epoch); ``configs/`` holds
-one preset per experiment. Every problem with user input raises :class:`fastpc.UserError`
+built-in quickstart (ePC on a 4-layer MLP on Fashion-MNIST for one epoch); ``fastpc/presets/``
+holds one preset per experiment. Every problem with user input raises :class:`fastpc.UserError`
 with one line naming the key, what was given and what is accepted::
 
-    cfg = load_config("configs/cifar10-vgg5-epc.yaml", ["train.epochs=2", "learner.iters=10"])
+    cfg = load_config("fastpc/presets/cifar10-vgg5-epc.yaml", ["train.epochs=2", "learner.iters=10"])
     save_config(cfg, "runs/x/config.yaml")
 """
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml
@@ -20,20 +19,19 @@ from fastpc.config import (
     save_config,
     valid_keys,
 )
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from fastpc.presets import list_presets, preset_path
 
 
 def test_defaults_are_the_quickstart_preset():
-    assert load_config(CONFIGS / "quickstart.yaml") == Config()
+    assert load_config(preset_path("quickstart")) == Config()
     cfg = Config()
     assert (cfg.learner.name, cfg.model.arch, cfg.model.depth, cfg.data.name, cfg.train.epochs) == (
         "epc", "mlp", 4, "fashion-mnist", 1)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_preset_is_valid(path):
-    cfg = load_config(path)
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_is_valid(name):
+    cfg = load_config(preset_path(name))
     assert cfg.learner.name in fpc.list_learners()
 
 

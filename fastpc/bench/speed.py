@@ -6,7 +6,7 @@ repeat (median over repeats), so ratios come from one run on one machine:
 - Fashion-MNIST MLPs 4×128 and 20×128 (GELU, batch 128, T = 5, CE, AdamW): seconds per epoch
   and steps per second of bp, spc, epc (fast path) and of spc / epc on the generic autograd
   path; every ratio to bp; spc ÷ PCX when a PCX interpreter is given (``--pcx-python`` or
-  ``FASTPC_PCX_PYTHON``; PCX runs ``benchmarks/pcx_speed.py`` in its own environment on the
+  ``FASTPC_PCX_PYTHON``; PCX runs ``fastpc/bench/pcx_speed.py`` in its own environment on the
   same batches); epc ÷ bp against the ratio of their analytic FLOP counts.
 - A wide MLP (4 layers × 1024, batch 256): achieved GFLOP/s of a spc / epc training step
   against the machine's measured fp32 matmul rate.
@@ -44,7 +44,7 @@ import fastpc as fpc
 
 __all__ = ["add_arguments", "run", "matmul_gflops", "bp_flops", "epc_flops", "dispatch_flops"]
 
-PCX_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "pcx_speed.py"
+PCX_SCRIPT = Path(__file__).resolve().with_name("pcx_speed.py")  # standalone: run by the PCX interpreter
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -216,7 +216,7 @@ def _pick_threads(threads: str | int) -> int:
 
 
 class PCXWorker:
-    """The PCX side as a long-lived process (``benchmarks/pcx_speed.py --serve``): it compiles
+    """The PCX side as a long-lived process (``fastpc/bench/pcx_speed.py --serve``): it compiles
     once, then times one pass over the same batches whenever asked, so its repeats interleave
     with fastpc's and both sides see the same machine conditions."""
 

@@ -1,6 +1,7 @@
 """PCX side of ``fastpc bench speed``: sPC on an MLP, jit-compiled, timed after compilation.
 
-Runs in its own virtual environment (PCX is JAX; see benchmarks/README.md):
+Runs in its own virtual environment (PCX is JAX; see benchmarks/README.md), so it is a
+standalone script: it ships inside fastpc but imports neither fastpc nor torch.
 
     python -m venv /path/to/pcxenv && /path/to/pcxenv/bin/pip install pcx==0.6.3
     fastpc bench speed --pcx-python /path/to/pcxenv/bin/python
