@@ -55,8 +55,12 @@ class DataConfig:
     """Download (md5-verified) when the data is not found locally."""
     augment: bool | None = None
     """Random crop + flip on training batches; null = on for CIFAR / image folders only."""
+    image_size: int | list[int] | None = None
+    """Resize every image to this size (an int, or [height, width]); null = as stored. Needed for
+    image folders whose images differ in size."""
 
     def __post_init__(self) -> None:
+        from .data.imagefolder import parse_image_size
         from .data.sources import DATASET_NAMES, check_name
 
         try:
@@ -69,6 +73,7 @@ class DataConfig:
             _fail("data.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         if not 0.0 <= self.val_split < 1.0:
             _fail("data.val_split", f"must be in [0, 1), got {self.val_split}")
+        parse_image_size(self.image_size)
 
 
 @dataclass
@@ -231,6 +236,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             _fail("train.epochs", f"must be >= 1, got {self.epochs}")
+        if self.out is not None and not self.out.strip():
+            _fail("train.out", "must be a folder path or null (a new folder under runs/), got an empty string")
         if not 0 <= self.seed < 2**63:
             _fail("train.seed", f"must be in [0, 2**63), got {self.seed}")
         dev = self.device.split(":")
@@ -373,6 +380,28 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *base" may be overridden key by key
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader itself refuses it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (a key may appear once in a mapping)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``"learner.state_lr=0.3"`` -> ``("learner.state_lr", 0.3)``; the value is read as YAML."""
     if "=" not in item:
@@ -382,7 +411,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if key not in valid_keys():
         raise _unknown_key(key, valid_keys())
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise UserError(f"--set {key}: cannot read value {raw!r} as YAML ({_one_line(getattr(e, 'problem', None) or e)})") from None
     return key, value
@@ -410,7 +439,7 @@ def read_yaml(path: str | Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read config file {path}: {_one_line(e)}") from None
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
