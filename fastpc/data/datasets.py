@@ -34,6 +34,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] | None = None
+    path: Path | None = None  # folder the data was read from
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Dataset:
 
     @property
     def info(self) -> DatasetInfo:
-        return DatasetInfo(self.name, self.num_classes, self.in_shape, self.mean, self.std, self.classes)
+        return DatasetInfo(self.name, self.num_classes, self.in_shape, self.mean, self.std, self.classes, self.path)
 
 
 class Loaders(NamedTuple):
@@ -101,10 +102,24 @@ def _how_to_get(spec: sources.DatasetSpec, download: bool) -> str:
     return ", or ".join(hints)
 
 
+def _missing_root(spec: sources.DatasetSpec, root) -> Path | None:
+    """``data.root`` when it is given but does not exist; a root that is a file is a UserError."""
+    if root is None or str(root) == "":
+        return None
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"data.root {path} is a file; expected a folder with {spec.layout}")
+    return None if path.exists() else path
+
+
 def _locate(spec: sources.DatasetSpec, root, split: str, download: bool):
+    missing_root = _missing_root(spec, root)
     paths = sources.search_paths(spec.name, root)
     for p in paths:
         found = _match(spec, p, split)
+        if found is not None and missing_root is not None:
+            raise UserError(f"data.root {missing_root} does not exist (the {spec.name} data in {p} was not used); "
+                            f"set data.root to a folder with {spec.layout}, or leave it unset")
         if found is not None:
             return found, p
     searched = ", ".join(str(p) for p in paths)
@@ -174,6 +189,11 @@ def make_loaders(name: str = "fashion-mnist", batch_size: int = 64, seed: int = 
     spec = sources.SPECS[sources.check_name(name)]
     train = load_dataset(spec.name, root, "train", download, image_size)
     test = load_dataset(spec.name, root, "test", download, image_size)
+    if len(train) == 0:
+        raise UserError(f"{spec.name} train split in {train.path} holds no examples; expected at least one")
+    if test.path != train.path:
+        raise UserError(f"{spec.name} train data is in {train.path} but its test data in {test.path}; "
+                        "expected both splits in one folder (set data.root to it)")
     if test.in_shape != train.in_shape:
         raise UserError(f"{spec.name} test images are {list(test.in_shape)} but train images are "
                         f"{list(train.in_shape)}; set data.image_size so both match")
