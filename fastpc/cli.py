@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def _config_path(name: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import fit
+    from .train import fit, format_acc
 
     if args.resume is not None:
         if args.config is not None:
@@ -56,8 +57,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(_config_path(args.config) if args.config else None, args.set)
         summary = fit(cfg, overwrite=args.overwrite)
-    print(f"test_acc {summary['test_acc']:.2f}%  training seconds per epoch "
-          f"{', '.join(f'{s:.1f}' for s in summary['epoch_seconds'])}  run {summary['run_dir']}")
+    data = summary["data"]
+    print(f"test_acc {format_acc(summary['test_acc'])}  training seconds per epoch "
+          f"{', '.join(f'{s:.1f}' for s in summary['epoch_seconds'])}  run {summary['run_dir']}  "
+          f"data {data['name']} from {data['path']}")
     return 0
 
 
@@ -145,9 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        run = getattr(e, "run_dir", "RUN")
-        print(f"error: interrupted; continue with: fastpc train --resume {run}", file=sys.stderr)
+        print(f"error: {_interrupted(e, argv[:1] == ['train'])}", file=sys.stderr)
         return 130
+
+
+def _interrupted(e: KeyboardInterrupt, training: bool) -> str:
+    """What an interrupt leaves: a run to resume (fit names it when it has a checkpoint) or none."""
+    run = getattr(e, "run_dir", None)
+    if run is not None:
+        return f"interrupted; continue with: fastpc train --resume {shlex.quote(str(run))}"
+    if training:
+        return "interrupted before the run's first checkpoint; nothing to resume, run the same command again"
+    return "interrupted"
 
 
 if __name__ == "__main__":  # pragma: no cover

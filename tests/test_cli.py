@@ -125,8 +125,8 @@ def test_existing_run_folder_is_refused(capsys, data_root, trained):
 
 
 def test_overwrite_replaces_run_folder(capsys, data_root, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
+    run = tmp_path / "run"  # a run folder (only those may be replaced) with a stray file in it
+    assert main(["train", "--set", *tiny_overrides(data_root, run, **{"learner.name": "bp"})]) == 0
     (run / "stale.txt").write_text("old")
     rc, _, err = cli(capsys, "train", "--overwrite", "--set", *tiny_overrides(data_root, run))
     assert rc == 0, err
