@@ -244,61 +244,6 @@ def feedforward(plan: MLPPlan, x: torch.Tensor) -> Run:
     return run
 
 
-# ATen's row-wise (log-)softmax is slow when the row is shorter than a SIMD vector (10 classes:
-# ~3x slower than over the columns of the transposed view); same values up to rounding
-_FEW_CLASSES = 32
-
-
-def _softmax(yhat: torch.Tensor) -> torch.Tensor:
-    if yhat.shape[1] <= _FEW_CLASSES:
-        return torch.softmax(yhat.t(), 0).t()
-    return torch.softmax(yhat, 1)
-
-
-def _log_softmax(yhat: torch.Tensor) -> torch.Tensor:
-    if yhat.shape[1] <= _FEW_CLASSES:
-        return torch.log_softmax(yhat.t(), 0).t()
-    return torch.log_softmax(yhat, 1)
-
-
-def _one_hot(y: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``E.one_hot`` in one scatter (no range check: F.one_hot's costs a sync)."""
-    return torch.zeros(y.shape[0], n, dtype=dtype, device=y.device).scatter_(1, y.unsqueeze(1), 1.0)
-
-
-def _out_grad(yhat: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """∂ℓ/∂ŷ (summed cost): softmax(ŷ) − onehot for ce, ŷ − onehot for mse."""
-    if loss == "ce":
-        return _softmax(yhat).sub_(target)
-    return yhat - target
-
-
-def _output_cost(yhat: torch.Tensor, y: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
-    """``E.output_cost`` (summed over the batch, 0-d)."""
-    if loss == "ce":
-        return F.nll_loss(_log_softmax(yhat), y, reduction="sum")
-    d = (yhat - target).reshape(-1)
-    return torch.dot(d, d).mul_(0.5)
-
-
-def _layer_energies(
-    eps: Sequence[torch.Tensor | None], yhat: torch.Tensor, y: torch.Tensor, target: torch.Tensor, loss: str
-) -> torch.Tensor:
-    """``E.layer_energies`` with fewer ops; an error of None is exactly zero."""
-    zero = None
-    parts = []
-    for e in eps:
-        if e is None:
-            if zero is None:
-                zero = yhat.new_zeros(())
-            parts.append(zero)
-        else:
-            v = e.reshape(-1)
-            parts.append(torch.dot(v, v))
-    parts.append(_output_cost(yhat, y, target, loss).mul_(2.0))
-    return torch.stack(parts).mul_(0.5)
-
-
 Callback = Callable[[int, list[torch.Tensor]], "bool | None"]
 
 
@@ -350,10 +295,10 @@ class _Model:
         :meth:`out_grad`)."""
         if self._cost is None:
             if self.loss == "ce":
-                self._lsm = _log_softmax(self.output())
-                self._cost = F.nll_loss(self._lsm, y, reduction="sum")
+                self._lsm = E.log_softmax(self.output())
+                self._cost = E.ce_cost(self._lsm, self.target)
             else:
-                self._cost = _output_cost(self.output(), y, self.target, self.loss)
+                self._cost = E.output_cost(self.output(), self.target, self.loss)
         return self._cost
 
     def parts(self, y: torch.Tensor) -> torch.Tensor:
@@ -365,7 +310,7 @@ class _Model:
         """∂ℓ/∂ŷ at the last forward; softmax = exp(log-softmax) when :meth:`cost` ran."""
         if self.loss == "ce" and self._lsm is not None:
             return self._lsm.exp().sub_(self.target)
-        return _out_grad(self.output(), self.target, self.loss)
+        return E.output_cost_grad(self.output(), self.target, self.loss)
 
     def forward(self) -> None:
         """Predictions, errors and output at the current v."""
@@ -596,7 +541,7 @@ def spc_relax(
     leaves the final a, o, eps in ``run`` for :func:`local_grads`.
     """
     layers, L = run.plan.layers, run.plan.depth
-    target = run.target = _one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
+    target = run.target = E.dense_target(y, run.o[L])
     if safeguard:
         v = _Stack(run.s[0].shape[0], [t.shape[1] for t in states0], run.s[0])
         model = _SPCModel(run, v, target, loss)
@@ -645,10 +590,10 @@ def spc_relax(
                 eps[i] = s[i] - run.o[i]
                 eps_from[i] = (vs[i], o_ver[i])
         if delta_from != o_ver[L]:
-            delta, delta_from = _out_grad(run.o[L], target, loss), o_ver[L]
+            delta, delta_from = E.output_cost_grad(run.o[L], target, loss), o_ver[L]
 
     def parts() -> torch.Tensor:  # an exactly-zero error (None) contributes ½·0 = 0
-        return _layer_energies(eps[1:], run.o[L], y, target, loss)
+        return E.layer_energies(eps[1:], run.o[L], target, loss)
 
     t_run = 0
     for t in range(iters):
@@ -725,7 +670,7 @@ def epc_relax(
     the final a, o, s, eps in ``run`` for :func:`local_grads`.
     """
     layers, L = run.plan.layers, run.plan.depth
-    target = run.target = _one_hot(y, layers[-1].weight.shape[0], run.s[0].dtype)
+    target = run.target = E.dense_target(y, run.o[L])
     if safeguard:
         v = _Stack(run.s[0].shape[0], [run.s[i].shape[1] for i in range(1, L)], run.s[0])
         if errs0 is None:
@@ -754,7 +699,7 @@ def epc_relax(
         _perturbed_forward(run, eps)
 
     def parts() -> torch.Tensor:
-        return _layer_energies(eps[1:], run.o[L], y, target, loss)
+        return E.layer_energies(eps[1:], run.o[L], target, loss)
 
     t_run = 0
     for t in range(iters):
@@ -763,7 +708,7 @@ def epc_relax(
         if traces is not None:
             traces.append(parts())
         # backward through the perturbed forward pass: ∇_{ε_i}E = ε_i + ∂ŷ/∂s_iᵀ ∂ℓ/∂ŷ
-        d = layers[L - 1].delta(_out_grad(run.o[L], target, loss), run.a[L], run.o[L])
+        d = layers[L - 1].delta(E.output_cost_grad(run.o[L], target, loss), run.a[L], run.o[L])
         ds: list[torch.Tensor] = [None] * L  # type: ignore[list-item]
         for i in range(L - 1, 0, -1):
             w = layers[i].weight
@@ -809,8 +754,8 @@ def local_grads(run: Run, y: torch.Tensor, loss: str, scale: float, collect: boo
         if i == L:
             g = run.dout
             if g is None:
-                target = run.target if run.target is not None else _one_hot(y, lay.weight.shape[0], run.s[0].dtype)
-                g = _out_grad(run.o[L], target, loss)
+                target = run.target if run.target is not None else E.dense_target(y, run.o[L])
+                g = E.output_cost_grad(run.o[L], target, loss)
             alpha = scale
         else:
             g, alpha = run.eps[i], -scale
@@ -879,7 +824,7 @@ def _step_core(plan: MLPPlan, kind: str, loss: str, opts: tuple, scale_fn: Calla
     else:
         states, _, _, final = epc_relax(run, None, y, loss, iters, lr, momentum=momentum,
                                         safeguard=safeguard, armijo=armijo, sync_free=True)
-    cost = _output_cost(out, y, run.target, loss)  # the one-hot targets the relax made
+    cost = E.output_cost(out, run.target, loss)  # the dense targets the relax made
     grads = local_grads(run, y, loss, scale_fn(y.shape[0]), collect=True)
     return out, cost, list(states), run.o[L], final, grads, run.flops
 
@@ -975,6 +920,12 @@ class FastPath:
 
     def step(self, x, y):
         if self.optimizer is not None and self.uses_compiled_step:  # type: ignore[attr-defined]
+            self._check_input(x)  # type: ignore[attr-defined]
+            if x[0].numel() != self._plan().layers[0].weight.shape[1]:
+                raise ValueError(f"x of shape {tuple(x.shape)} does not fit the net (its first layer takes "
+                                 f"{self._plan().layers[0].weight.shape[1]} features per sample)")
+            out_like = x.new_empty(x.shape[0], self._plan().layers[-1].weight.shape[0])
+            y = self._check_target(y, out_like)  # type: ignore[attr-defined]
             # one compiled graph per batch size costs a compile each: only the first batch's
             # size is compiled, any other (an epoch's last, partial batch) runs eagerly
             if self._compiled_batch is None:
@@ -1023,7 +974,7 @@ class FastPath:
         for p, g in zip(params, grads):
             if g is not None:
                 p.grad = g
-        opt.step()
+        self._apply_update()  # type: ignore[attr-defined]
         self.last_flops = flops
         eq = Equilibrium(states=states, output=output, energy=final.sum(), iters=self.iters)  # type: ignore[attr-defined]
         self.init.observe(x, y, eq.states)  # type: ignore[attr-defined]
@@ -1040,7 +991,8 @@ class FastPath:
     def _feedforward(self, x):
         self._fast_run = None
         if self.uses_fast_path:
-            run = feedforward(self._plan(), x)
+            self._check_input(x)  # type: ignore[attr-defined]
+            run = self._fitting(x, lambda x: feedforward(self._plan(), x))  # type: ignore[attr-defined]
             self._fast_run = run
             L = run.plan.depth
             return [run.s[i] for i in range(1, L)], run.o[L]
@@ -1048,7 +1000,7 @@ class FastPath:
 
     def _output_cost(self, out, y):
         if self._fast_run is not None and self._fast_run.target is not None:
-            return _output_cost(out, y, self._fast_run.target, self.loss)  # type: ignore[attr-defined]
+            return E.output_cost(out, self._fast_run.target, self.loss)  # type: ignore[attr-defined]
         return super()._output_cost(out, y)  # type: ignore[misc]
 
     def _weight_grads(self, x, y, eq):

@@ -1,41 +1,51 @@
 """State initializers (PAPERS.md §3) behind a registry.
 
 An initializer turns the feedforward state of a batch into the states inference starts from.
-It may keep memory across batches (``observe`` is called with the converged states after
-each inference) and that memory is part of ``state_dict`` so checkpoints carry it. Label-aware
-initializers receive ``y``; at test time fastpc always predicts with the FF pass.
+It is an ``nn.Module``: what it remembers across batches lives in buffers (or submodules), so
+it travels with ``Learner.to(...)`` and in ``state_dict`` (checkpoints carry it). It sees the
+labels ``y`` (label-aware initializers) and, through :meth:`StateInit.observe`, the converged
+states after every training step (memory initializers). Its options come from
+``make_learner(..., init_options={...})`` or YAML ``learner.init_options``. At test time fastpc
+always predicts with the FF pass.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from ._registry import registrar
 
-__all__ = ["StateInit", "register_init", "make_init", "list_inits"]
+__all__ = ["StateInit", "register_init", "make_init", "list_inits", "init_options"]
 
 
-class StateInit:
-    """Base class: ``__call__(ff_states, x, y) -> states`` (new tensors, no grad)."""
+class StateInit(nn.Module, abc.ABC):
+    """Base class of every state initializer.
+
+    ``init(ff_states, x, y) -> states``: new tensors (no grad) shaped like ``ff_states``, the
+    feedforward states s_1..s_{L-1} of the batch. ``observe(x, y, states)`` is called with the
+    converged states after each training step; stateless initializers ignore it.
+    """
 
     name: str = ""
 
-    def __call__(
-        self, ff_states: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor | None
+    @abc.abstractmethod
+    def forward(
+        self, ff_states: Sequence[torch.Tensor], x: torch.Tensor | None, y: torch.Tensor | None
     ) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """The states inference starts from."""
 
-    def observe(self, x: torch.Tensor, y: torch.Tensor | None, states: Sequence[torch.Tensor]) -> None:
-        """Called with the converged states after inference; stateless initializers ignore it."""
+    def observe(self, x: torch.Tensor | None, y: torch.Tensor | None, states: Sequence[torch.Tensor]) -> None:
+        """Called with the converged states after each training step (default: nothing)."""
+        del x, y, states
 
-    def state_dict(self) -> dict[str, Any]:
+    def options(self) -> dict[str, Any]:
+        """The options this initializer was made with (saved with checkpoints)."""
         return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        del state
 
 
 _REGISTRY: dict[str, Callable[..., StateInit]] = {}
@@ -50,12 +60,27 @@ def list_inits() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_init(name: str | StateInit, **options: Any) -> StateInit:
-    """Initializer by name (or pass an instance through)."""
-    if isinstance(name, StateInit):
-        return name
+def init_options(name: str) -> list[str]:
+    """The options initializer ``name`` accepts."""
+    import inspect
+
     if name not in _REGISTRY:
         raise ValueError(f"unknown state init {name!r}; expected one of {list_inits()}")
+    return [k for k in inspect.signature(_REGISTRY[name].__init__).parameters if k != "self"]
+
+
+def make_init(name: str | StateInit, **options: Any) -> StateInit:
+    """Initializer by name with its options (or an instance passed through, without options)."""
+    if isinstance(name, StateInit):
+        if options:
+            raise ValueError("init_options apply to an initializer given by name, not to an instance")
+        return name
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown state init {name!r}; expected one of {list_inits()}")
+    accepted = init_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"state init {name!r} has no option(s) {unknown}; valid options: {accepted}")
     return _REGISTRY[name](**options)
 
 
@@ -63,7 +88,7 @@ def make_init(name: str | StateInit, **options: Any) -> StateInit:
 class ForwardInit(StateInit):
     """s_i = f_i(s_{i-1}): the FF state, where every hidden error is 0."""
 
-    def __call__(self, ff_states, x, y):
+    def forward(self, ff_states, x, y):
         return [s.detach().clone() for s in ff_states]
 
 
@@ -71,7 +96,7 @@ class ForwardInit(StateInit):
 class ZerosInit(StateInit):
     """s_i = 0."""
 
-    def __call__(self, ff_states, x, y):
+    def forward(self, ff_states, x, y):
         return [torch.zeros_like(s) for s in ff_states]
 
 
@@ -80,9 +105,13 @@ class NormalInit(StateInit):
     """s_i ~ N(mean, std²), drawn from torch's global generator (seeded runs reproduce)."""
 
     def __init__(self, mean: float = 0.0, std: float = 1.0):
-        if std < 0:
-            raise ValueError(f"normal init needs std >= 0, got {std}")
+        super().__init__()
+        if not (float(std) >= 0 and float(std) < float("inf")) or float(mean) != float(mean):
+            raise ValueError(f"normal init needs a finite mean and a finite std >= 0, got mean={mean}, std={std}")
         self.mean, self.std = float(mean), float(std)
 
-    def __call__(self, ff_states, x, y):
+    def options(self):
+        return {"mean": self.mean, "std": self.std}
+
+    def forward(self, ff_states, x, y):
         return [torch.randn_like(s) * self.std + self.mean for s in ff_states]

@@ -13,6 +13,7 @@ from torch.testing import assert_close
 import fastpc as fpc
 import fastpc.fast as fast_mod
 from fastpc.config import UserError, load_config
+from fastpc.learners.base import Learner
 from fastpc.train import COMPILE_AUTO_STEPS, resolve_compile
 
 TOL = dict(rtol=1e-11, atol=1e-12)
@@ -115,8 +116,16 @@ def test_bad_input_is_not_blamed_on_the_compiler(monkeypatch):
     monkeypatch.setattr(fast_mod, "compiled_step", failing)
     comp, _ = _pair("epc", iters=2)
     x, _ = _data(1)
-    with pytest.raises((IndexError, RuntimeError)):
-        comp.step(x[0], torch.full((8,), 7))  # labels beyond the 4 classes: eager raises too
+    with pytest.raises(ValueError, match=r"class indices in y must lie in \[0, 4\)"):
+        comp.step(x[0], torch.full((8,), 7))  # labels beyond the 4 classes: refused at the door
+    assert comp.compile_failed is None and comp.uses_compiled_step
+    # an error the eager step raises too is the input's, not the compiler's
+    def eager_fails(self, x, y):
+        raise IndexError("eager")
+
+    monkeypatch.setattr(Learner, "step", eager_fails)
+    with pytest.raises(IndexError, match="eager"):
+        comp.step(x[0], torch.zeros(8, dtype=torch.long))
     assert comp.compile_failed is None and comp.uses_compiled_step
 
 

@@ -278,16 +278,15 @@ def test_native_gelu_restores_onednn_flag():
 
 @pytest.mark.parametrize("n_classes", [5, 40])
 def test_few_class_softmax_and_cost(n_classes):
-    """The transposed (log-)softmax and the one-hot / cost helpers match torch's."""
+    """energy.py's transposed (log-)softmax and its one-hot / cost helpers match torch's."""
     from fastpc import energy as E
-    from fastpc.fast import _log_softmax, _one_hot, _output_cost, _softmax
 
     g = torch.Generator().manual_seed(0)
     yhat = torch.randn(7, n_classes, generator=g, dtype=torch.float64) * 3
     y = torch.randint(0, n_classes, (7,), generator=g)
-    assert_close(_softmax(yhat), torch.softmax(yhat, 1), **TOL)
-    assert_close(_log_softmax(yhat), torch.log_softmax(yhat, 1), **TOL)
-    target = _one_hot(y, n_classes, yhat.dtype)
-    assert torch.equal(target, E.one_hot(y, n_classes, yhat.dtype))
-    for loss in ("ce", "mse"):
-        assert_close(_output_cost(yhat, y, target, loss), E.output_cost(yhat, y, loss), **TOL)
+    assert_close(E.softmax(yhat), torch.softmax(yhat, 1), **TOL)
+    assert_close(E.log_softmax(yhat), torch.log_softmax(yhat, 1), **TOL)
+    target = E.one_hot(y, n_classes, yhat.dtype)
+    assert torch.equal(target, torch.nn.functional.one_hot(y, n_classes).to(yhat.dtype))
+    assert_close(E.output_cost(yhat, y, "ce"), torch.nn.functional.cross_entropy(yhat, y, reduction="sum"), **TOL)
+    assert_close(E.output_cost(yhat, y, "mse"), 0.5 * (yhat - target).pow(2).sum(), **TOL)

@@ -23,6 +23,7 @@ Hooks that later algorithms use without reshaping the contract:
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,13 +203,18 @@ class Learner(abc.ABC):
         loss: str = "ce",
         optimizer: torch.optim.Optimizer | None = None,
         init: str | StateInit = "forward",
+        init_options: dict[str, Any] | None = None,
     ):
         if not isinstance(net, PCNet):
             raise TypeError(f"a learner needs a fastpc.PCNet, got {type(net).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        if init_options is not None and not isinstance(init_options, dict):
+            raise TypeError(f"init_options must be a dict, got {type(init_options).__name__}")
         self.net = net
         self.loss = E.check_loss(loss)
         self.optimizer = optimizer
-        self.init = make_init(init)
+        self.init = make_init(init, **(init_options or {}))
 
     # ---- public API -------------------------------------------------------------------
     def infer(
@@ -225,11 +231,13 @@ class Learner(abc.ABC):
         (detached; for ePC rebuilt from the errors); returning True stops inference early.
         """
         ff_states, out = self._feedforward(x)
+        y = self._check_target(y, out)
         return self._relax(x, y, ff_states, out, trace, callback)
 
     def grads(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inference + the weight gradients ``step`` would apply, without applying them."""
         ff_states, out = self._feedforward(x)
+        y = self._check_target(y, out)
         eq = self._relax(x, y, ff_states, out, False)
         self.net.zero_grad(set_to_none=True)
         self._weight_grads(x, y, eq)
@@ -239,20 +247,27 @@ class Learner(abc.ABC):
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         """Inference + one weight update with the learner's optimizer."""
-        if self.optimizer is None:
-            raise ValueError("step() needs an optimizer: pass optimizer=... to make_learner")
+        self._check_optimizer()
         ff_states, out = self._feedforward(x)
+        y = self._check_target(y, out)
         eq = self._relax(x, y, ff_states, out, False)
         self.optimizer.zero_grad(set_to_none=True)
         cost = self._output_cost(out, y).detach()  # before _weight_grads releases buffers
         self._weight_grads(x, y, eq)
-        self.optimizer.step()
+        self._apply_update()
         self.init.observe(x, y, eq.states)
         return self._step_result(cost, out, eq)
 
+    def to(self, *args: Any, **kwargs: Any) -> "Learner":
+        """Move (or cast) the net and the initializer's state like ``nn.Module.to``; returns
+        the learner. Make the optimizer after moving, as with any torch module."""
+        self.net.to(*args, **kwargs)
+        self.init.to(*args, **kwargs)
+        return self
+
     def options(self) -> dict[str, Any]:
         """The learner's hyperparameters (saved with checkpoints)."""
-        return {"loss": self.loss, "init": self.init.name}
+        return {"loss": self.loss, "init": self.init.name, "init_options": self.init.options()}
 
     def state_dict(self) -> dict[str, Any]:
         """Net, optimizer and initializer state."""
@@ -272,13 +287,61 @@ class Learner(abc.ABC):
             self.optimizer.load_state_dict(state["optimizer"])
         self.init.load_state_dict(state.get("init", {}))
 
+    # ---- the learner's door and the one update path -------------------------------------
+    skipped_updates: int = 0  # steps whose gradient was not finite (the weights were kept)
+
+    def _check_optimizer(self) -> None:
+        if self.optimizer is None:
+            raise ValueError("step() needs an optimizer: pass optimizer=... to make_learner")
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """``ValueError``/``TypeError`` unless ``x`` is a non-empty, finite floating batch in
+        the net's dtype and on its device."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor batch (B, ...), got {type(x).__name__}")
+        p = next(self.net.parameters(), None)
+        if x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(f"x must be a non-empty batch (B >= 1, shape (B, ...)), got shape {tuple(x.shape)}")
+        if p is not None and (x.dtype != p.dtype or x.device != p.device):
+            raise TypeError(f"x must have the net's dtype and device ({p.dtype}, {p.device}), got ({x.dtype}, {x.device})")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x holds NaN or inf")
+
+    def _check_target(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``y`` as the energy takes it (integer class indices as int64), or a clear error."""
+        if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dtype not in (torch.bool, torch.int64) \
+                and not y.is_complex():
+            y = y.long()
+        E.check_target(y, out.shape, self.loss)
+        if y.device != out.device:
+            raise ValueError(f"y must be on the net's device {out.device}, got {y.device}")
+        return y
+
+    def _apply_update(self) -> bool:
+        """The one place where a weight update reaches the net: every learner's ``step`` ends
+        here, with the gradients in ``p.grad`` (data-parallel averaging, clipping and loss
+        scaling belong here). A non-finite gradient is dropped, the weights kept and
+        ``skipped_updates`` counted; returns whether the optimizer stepped."""
+        opt = self.optimizer
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
+            opt.zero_grad(set_to_none=True)
+            self.skipped_updates += 1
+            return False
+        opt.step()
+        return True
+
     # ---- pieces subclasses compose ----------------------------------------------------
     def _set_inference_options(
         self, iters: int, state_lr: float, momentum: float, safeguard: bool, armijo: float
     ) -> None:
         """Validate and store the options every iterative-inference learner shares."""
-        _check(int(iters) == iters and iters >= 0, f"iters must be an integer >= 0, got {iters}")
-        _check(state_lr > 0, f"state_lr must be > 0, got {state_lr}")
+        _check(isinstance(iters, (int, float)) and int(iters) == iters and iters >= 0,
+               f"iters must be an integer >= 0, got {iters!r}")
+        _check(isinstance(state_lr, (int, float)) and math.isfinite(state_lr) and state_lr > 0,
+               f"state_lr must be a finite number > 0, got {state_lr!r}")
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         _check(0 <= armijo < 1, f"armijo must be in [0, 1), got {armijo}")
         self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
@@ -290,8 +353,20 @@ class Learner(abc.ABC):
 
     def _feedforward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """FF pass without autograd; the one pass that updates batch-norm running stats."""
+        self._check_input(x)
         with torch.no_grad():
-            return self.net.forward_states(x)
+            return self._fitting(x, self.net.forward_states)
+
+    def _fitting(self, x: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> Any:
+        """``fn(x)`` (a forward pass), with a shape mismatch inside the net reported as the
+        input's ``ValueError``."""
+        try:
+            return fn(x)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if any(k in first for k in ("shape", "size", "dimension", "mat1", "Expected", "expected")):
+                raise ValueError(f"x of shape {tuple(x.shape)} does not fit the net ({first})") from e
+            raise
 
     @abc.abstractmethod
     def _relax(
@@ -335,10 +410,8 @@ class Learner(abc.ABC):
     ) -> Equilibrium:
         """Package final states: energy at them and the trace (with the final point)."""
         with torch.no_grad(), frozen_batchnorm_stats(self.net):
-            preds = [self.blocks[0](x)] + [b(s) for b, s in zip(self.blocks[1:-1], states[:-1])]
-            out = self.blocks[-1](states[-1] if states else x)
-            errs = E.errors(states, preds)
-            parts = E.layer_energies(errs, out, y, self.loss)
+            preds, out = E.predictions(self.blocks, x, states)
+            parts = E.layer_energies(E.errors(states, preds), out, y, self.loss)
         layer_trace = torch.stack([*traces, parts]) if traces is not None else None
         return Equilibrium(
             states=states,

@@ -14,8 +14,8 @@ class BP(Learner):
     """Exact backprop of the batch-mean loss. ``infer`` returns the FF state (where the PC
     energy equals the output cost)."""
 
-    def __init__(self, net, loss="ce", optimizer=None, init="forward"):
-        super().__init__(net, loss=loss, optimizer=optimizer, init=init)
+    def __init__(self, net, loss="ce", optimizer=None, init="forward", init_options=None):
+        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
 
     def _relax(self, x, y, ff_states, out, trace, callback=None):
         cost = E.output_cost(out, y, self.loss).detach()
@@ -29,12 +29,15 @@ class BP(Learner):
             layer_trace=layers[None] if trace else None,
         )
 
-    def _backward(self, x, y) -> torch.Tensor:
+    def _backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backprop of the batch-mean loss into ``p.grad``; returns (output, checked y)."""
+        self._check_input(x)
         with torch.enable_grad():
-            out = self.net(x)
+            out = self._fitting(x, self.net)
+            y = self._check_target(y, out)
             loss = E.output_cost(out, y, self.loss) / y.shape[0]
             loss.backward()
-        return out.detach()
+        return out.detach(), y
 
     def grads(self, x, y):
         self.net.zero_grad(set_to_none=True)
@@ -44,10 +47,9 @@ class BP(Learner):
         return named
 
     def step(self, x, y):
-        if self.optimizer is None:
-            raise ValueError("step() needs an optimizer: pass optimizer=... to make_learner")
+        self._check_optimizer()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self._backward(x, y)
-        self.optimizer.step()
+        out, y = self._backward(x, y)
+        self._apply_update()
         cost = E.output_cost(out, y, self.loss)
         return self._step_result(cost, out, Equilibrium(states=[], output=out, energy=cost, iters=0))

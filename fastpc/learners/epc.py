@@ -40,6 +40,7 @@ class EPC(_fast.FastPath, Learner):
         loss="ce",
         optimizer=None,
         init="forward",
+        init_options=None,
         iters: int = 5,
         state_lr: float = 0.1,
         momentum: float = 0.0,
@@ -49,7 +50,7 @@ class EPC(_fast.FastPath, Learner):
         fast: bool | str = "auto",
         compile: bool = False,
     ):
-        super().__init__(net, loss=loss, optimizer=optimizer, init=init)
+        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
         self._set_inference_options(iters, state_lr, momentum, safeguard, armijo)
         self.rescale = bool(rescale)
         self._init_fast(fast, compile)

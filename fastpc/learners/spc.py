@@ -28,6 +28,7 @@ class SPC(_fast.FastPath, Learner):
         loss="ce",
         optimizer=None,
         init="forward",
+        init_options=None,
         iters: int = 5,
         state_lr: float = 0.1,
         momentum: float = 0.0,
@@ -38,7 +39,7 @@ class SPC(_fast.FastPath, Learner):
         fast: bool | str = "auto",
         compile: bool = False,
     ):
-        super().__init__(net, loss=loss, optimizer=optimizer, init=init)
+        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
         _check(state_optimizer in ("sgd", "adam"), f"state_optimizer must be 'sgd' or 'adam', got {state_optimizer!r}")
         _check(not (safeguard and state_optimizer == "adam"), "safeguard works with state_optimizer='sgd' only")
         self._set_inference_options(iters, state_lr, momentum, safeguard, armijo)
@@ -108,14 +109,14 @@ class SPC(_fast.FastPath, Learner):
     def step(self, x, y):
         if not self.incremental:
             return super().step(x, y)
-        if self.optimizer is None:
-            raise ValueError("step() needs an optimizer: pass optimizer=... to make_learner")
+        self._check_optimizer()
         ff_states, out = self._feedforward(x)
+        y = self._check_target(y, out)
 
         def weight_step(t, states):
             self.optimizer.zero_grad(set_to_none=True)
             self._weight_grads(x, y, _States(states))
-            self.optimizer.step()
+            self._apply_update()
 
         eq = self._relax(x, y, ff_states, out, False, callback=weight_step)
         self.init.observe(x, y, eq.states)
