@@ -5,8 +5,9 @@ functions for all of them.
 """
 
 from . import energy
+from .blocks import BlockOps, block_ops, preactivation_split
 from .errors import UserError
-from .init import StateInit, list_inits, make_init, register_init
+from .init import StateInit, init_options, list_inits, make_init, register_init
 from .learners import (
     Equilibrium,
     Learner,
@@ -26,6 +27,9 @@ __all__ = [
     "vgg",
     "resnet",
     "energy",
+    "BlockOps",
+    "block_ops",
+    "preactivation_split",
     "Learner",
     "Equilibrium",
     "StepResult",
@@ -36,6 +40,7 @@ __all__ = [
     "StateInit",
     "make_init",
     "list_inits",
+    "init_options",
     "register_init",
     "UserError",
 ]

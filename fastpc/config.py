@@ -6,7 +6,7 @@ holds one preset per experiment. Every problem with user input raises :class:`fa
 with one line naming the key, what was given and what is accepted::
 
     cfg = load_config("fastpc/presets/cifar10-vgg5-epc.yaml", ["train.epochs=2", "learner.iters=10"])
-    save_config(cfg, "runs/x/config.yaml")
+    print(dump_config(cfg))
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .errors import UserError
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "LearnerConfig", "OptimConfig", "TrainConfig",
     "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "parse_override",
-    "save_config", "valid_keys",
+    "dump_config", "valid_keys",
 ]
 
 
@@ -97,7 +97,7 @@ class ModelConfig:
     """Channel multiplier for vgg / resnet (e.g. 0.25 for CPU-sized runs)."""
 
     def __post_init__(self) -> None:
-        from .nets import _ACTS, VGG_CONFIGS
+        from .nets import ACTIVATIONS, VGG_CONFIGS
 
         if self.widths is not None and (len(self.widths) < 1 or min(self.widths) < 1):
             _fail("model.widths", f"must be a non-empty list of positive integers, got {self.widths}")
@@ -107,7 +107,7 @@ class ModelConfig:
             _fail("model.width", f"must be >= 1, got {self.width}")
         if not 0.0 < self.width_mult <= 64.0:
             _fail("model.width_mult", f"must be in (0, 64], got {self.width_mult}")
-        _choice("model.act", self.act, sorted(_ACTS))
+        _choice("model.act", self.act, sorted(ACTIVATIONS))
         _choice("model.init", self.init, ["orthogonal", "kaiming_uniform", "gaussian", "default"])
         names = {"vgg": sorted(VGG_CONFIGS), "resnet": ["resnet18"], "mlp": []}[self.arch]
         if self.arch == "vgg" and self.name is None:
@@ -130,6 +130,8 @@ class LearnerConfig:
     """Inference step size (λ for sPC, η_e for ePC)."""
     init: str = "forward"
     """State initializer: forward, zeros, normal, ... (see ``fastpc.list_inits()``)."""
+    init_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Options of the state initializer, e.g. {std: 0.5} for normal (see ``fastpc.init.init_options``)."""
     momentum: float = 0.0
     """Momentum of the inference optimizer, in [0, 1)."""
     state_optimizer: Literal["sgd", "adam"] = "sgd"
@@ -158,6 +160,12 @@ class LearnerConfig:
 
         _choice("learner.name", self.name, list_learners())
         _choice("learner.init", self.init, list_inits())
+        from .init import init_options
+
+        unknown = sorted(set(self.init_options) - set(init_options(self.init)))
+        if unknown:
+            _fail("learner.init_options", f"state init {self.init!r} has no option(s) {unknown}; "
+                  f"valid options: {init_options(self.init)}")
         if self.iters < 0:
             _fail("learner.iters", f"must be >= 0, got {self.iters}")
         if not self.state_lr > 0:
@@ -310,6 +318,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             _fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
         _choice(key, value, choices)
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            _fail(key, f"expected a mapping of option names to values, got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -460,9 +472,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(apply_overrides(d, list(overrides or [])))
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    from .train import atomic_write_text
-
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    atomic_write_text(Path(path), text)
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text (``fastpc.rundir.save_config`` writes it atomically)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

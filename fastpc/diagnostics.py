@@ -270,7 +270,7 @@ def iters_vs_depth(depths: Sequence[int], x: torch.Tensor, y: torch.Tensor, widt
 
 
 # ---- run report -------------------------------------------------------------------------------
-def _plots():
+def plots_module():
     """fastpc.plots, imported lazily (matplotlib is only needed for pictures)."""
     from . import plots
     return plots
@@ -291,7 +291,7 @@ def write_run_diagnostics(run_dir: str | Path, learner: Learner, x: torch.Tensor
 
     Returns the written paths. The net is not changed (it is deep-copied).
     """
-    plots = _plots()
+    plots = plots_module()
     out = Path(run_dir) / "diagnostics"
     out.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(learner.net).eval()

@@ -22,9 +22,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["PCNet", "mlp", "vgg", "resnet", "make_act", "frozen_batchnorm_stats", "VGG_CONFIGS"]
+__all__ = ["PCNet", "mlp", "vgg", "resnet", "make_act", "frozen_batchnorm_stats", "VGG_CONFIGS", "ACTIVATIONS"]
 
-_ACTS = {
+ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "tanh": nn.Tanh,
@@ -39,9 +39,9 @@ _ACTS = {
 def make_act(name: str) -> nn.Module:
     """Activation module by name: relu, gelu, tanh, sigmoid, silu, leaky_relu, identity."""
     try:
-        return _ACTS[name]()
+        return ACTIVATIONS[name]()
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(_ACTS)}") from None
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
 
 
 class PCNet(nn.Module):

@@ -33,7 +33,7 @@ from .errors import UserError
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "LOCK", "RunState", "RunLock", "atomic_write_text",
            "check_replaceable", "clear_run_dir", "inspect_run_dir", "load_checkpoint", "remove_temporaries",
-           "save_checkpoint", "writing"]
+           "save_checkpoint", "save_config", "writing"]
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 CHECKPOINT_FORMAT = "fastpc-checkpoint-1"
@@ -64,6 +64,13 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file via a temporary file + rename: readers see the old or the new file."""
     _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write a resolved :class:`fastpc.config.Config` as YAML, atomically."""
+    from .config import dump_config
+
+    atomic_write_text(Path(path), dump_config(cfg))
 
 
 def _is_temporary(name: str) -> bool:

@@ -32,12 +32,13 @@ from tqdm import tqdm
 
 from . import energy as E
 from . import plots
-from .config import Config, config_from_dict, config_to_dict, load_config, read_yaml, save_config
+from .config import Config, config_from_dict, config_to_dict, load_config, read_yaml
 from .errors import UserError
 from .learners import Learner, make_learner
 from .nets import PCNet, frozen_batchnorm_stats, mlp, resnet, vgg
 from .rundir import (CHECKPOINT, CHECKPOINT_FORMAT, RunLock, RunState, atomic_write_text, check_replaceable,
-                     clear_run_dir, inspect_run_dir, load_checkpoint, remove_temporaries, save_checkpoint, writing)
+                     clear_run_dir, inspect_run_dir, load_checkpoint, remove_temporaries, save_checkpoint, save_config,
+                     writing)
 
 __all__ = ["fit", "evaluate", "evaluate_run", "report", "build_net", "build_optimizer",
            "build_learner", "resolve_compile", "lr_factor", "save_checkpoint", "load_checkpoint", "Diverged"]

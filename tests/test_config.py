@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -16,9 +17,9 @@ from fastpc.config import (
     config_from_dict,
     config_to_dict,
     load_config,
-    save_config,
     valid_keys,
 )
+from fastpc.rundir import save_config
 from fastpc.presets import list_presets, preset_path
 
 
@@ -89,7 +90,7 @@ def test_save_and_reload_round_trip(tmp_path):
 
 
 def test_learner_options_only_what_the_learner_accepts():
-    assert set(load_config(None, ["learner.name=bp"]).learner.options()) == {"loss", "init"}
+    assert set(load_config(None, ["learner.name=bp"]).learner.options()) == {"loss", "init", "init_options"}
     opts = load_config(None, ["learner.name=spc", "learner.incremental=true"]).learner.options()
     assert opts["incremental"] is True and "rescale" not in opts
     assert "incremental" not in Config().learner.options()
@@ -196,3 +197,16 @@ def test_fuzz_yaml_text(tmp_path_factory, text):
         assert isinstance(load_config(p), Config)
     except fpc.UserError as e:
         assert "\n" not in str(e)
+
+
+def test_init_options_reach_the_initializer():
+    cfg = load_config(None, ["learner.init=normal", "learner.init_options={std: 0.5, mean: 1}"])
+    assert cfg.learner.options()["init_options"] == {"std": 0.5, "mean": 1}
+    torch.manual_seed(0)
+    opts = {k: v for k, v in cfg.learner.options().items() if k != "compile"}  # fit resolves "auto"
+    lrn = fpc.make_learner(cfg.learner.name, fpc.mlp([4, 5, 2]), **opts)
+    assert (lrn.init.mean, lrn.init.std) == (1.0, 0.5)
+    with pytest.raises(fpc.UserError, match=r"learner.init_options: state init 'normal' has no option\(s\) \['beta'\]"):
+        load_config(None, ["learner.init=normal", "learner.init_options={beta: 1}"])
+    with pytest.raises(fpc.UserError, match="learner.init_options: expected a mapping"):
+        load_config(None, ["learner.init_options=3"])

@@ -19,10 +19,9 @@ import fastpc as fpc
 from fastpc import diagnostics as D
 
 
-def write(out: Path, args: argparse.Namespace, loaders, rows=None) -> tuple[str, list[Path]]:
-    from .depth import VARIANTS
-
-    plots = D._plots()
+def write(out: Path, args: argparse.Namespace, loaders, variants: dict, rows=None) -> tuple[str, list[Path]]:
+    """``variants``: the depth suite's learner variants by name."""
+    plots = D.plots_module()
     depth = args.diag_depth or max(args.depths)
     x, y = next(iter(loaders.test))
     x, y = x[:64], y[:64]
@@ -33,8 +32,8 @@ def write(out: Path, args: argparse.Namespace, loaders, rows=None) -> tuple[str,
     maps = [D.energy_map(fpc.make_learner(n, net, iters=T, **o), x, y) for n, o in heat.items()]
     pngs = [out / "depth_energy_heatmap.png"]
     plots.plot_energy_heatmaps(maps, pngs[-1])
-    aligns = [D.alignment(fpc.make_learner(VARIANTS[v].learner, net, **VARIANTS[v].options), x, y)
-              for v in args.learners if VARIANTS[v].learner != "bp" and not VARIANTS[v].options.get("safeguard")]
+    aligns = [D.alignment(fpc.make_learner(variants[v].learner, net, **variants[v].options), x, y)
+              for v in args.learners if variants[v].learner != "bp" and not variants[v].options.get("safeguard")]
     if aligns:
         pngs.append(out / "depth_alignment.png")
         plots.plot_alignment(aligns, pngs[-1])

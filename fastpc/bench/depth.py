@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     diag_md, pngs = "", []
     if not args.no_diagnostics:
         from . import _depth_diag
-        diag_md, pngs = _depth_diag.write(out, args, loaders, rows)
+        diag_md, pngs = _depth_diag.write(out, args, loaders, VARIANTS, rows)
 
     wall = time.time() - started
     date = _dt.datetime.now().isoformat(timespec="seconds")
