@@ -42,7 +42,8 @@ def _config_path(name: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import fit, format_acc
+    from .runfiles import format_acc
+    from .train import fit
 
     if args.resume is not None:
         if args.config is not None:
@@ -57,15 +58,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(_config_path(args.config) if args.config else None, args.set)
         summary = fit(cfg, overwrite=args.overwrite)
-    data = summary["data"]
-    print(f"test_acc {format_acc(summary['test_acc'])}  training seconds per epoch "
-          f"{', '.join(f'{s:.1f}' for s in summary['epoch_seconds'])}  run {summary['run_dir']}  "
+    data = summary.data
+    print(f"test_acc {format_acc(summary.test_acc)}  training seconds per epoch "
+          f"{', '.join(f'{s:.1f}' for s in summary.epoch_seconds)}  run {summary.run_dir}  "
           f"data {data['name']} from {data['path']}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_run
+    from .report import evaluate_run
 
     res = evaluate_run(args.run, checkpoint=args.checkpoint, overrides=args.set)
     print(json.dumps(res, indent=2))
@@ -73,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .train import report
+    from .report import report
 
     print(report(args.run, diagnostics=not args.no_diagnostics))
     return 0

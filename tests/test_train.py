@@ -14,7 +14,10 @@ from tinydata import tiny_overrides
 import fastpc as fpc
 import fastpc.train as train_mod
 from fastpc.config import load_config
-from fastpc.train import CHECKPOINT, evaluate_run, fit, load_checkpoint, lr_factor, report
+from fastpc.build import lr_factor
+from fastpc.report import evaluate_run, report
+from fastpc.runfiles import RunSummary
+from fastpc.train import CHECKPOINT, fit, load_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("isolated")
@@ -44,7 +47,7 @@ def test_run_folder(data_root, tmp_path):
     for col in ("train_loss", "train_acc", "train_energy", "val_loss", "val_acc", "test_loss", "test_acc", "seconds"):
         assert all(r[col] != "" for r in rows), col
     on_disk = json.loads((run / "summary.json").read_text())
-    assert on_disk == json.loads(json.dumps(summary))
+    assert isinstance(summary, RunSummary) and on_disk == json.loads(json.dumps(summary.to_json()))
     assert on_disk["status"] == "completed" and on_disk["learner"] == "epc"
     assert len(on_disk["epoch_seconds"]) == 2 and all(s > 0 for s in on_disk["epoch_seconds"])
     assert on_disk["config"]["learner"]["iters"] == 3
@@ -55,7 +58,7 @@ def test_run_folder(data_root, tmp_path):
     assert len(traces) == 2 and len(traces[-1]["total"]) == 3 + 1  # iters + 1 points
     assert len(traces[-1]["layers"][0]) == 3  # 3 blocks: two hidden errors + the output cost
     ev = evaluate_run(run)
-    assert ev["test_acc"] == pytest.approx(summary["test_acc"]) and ev["epoch"] == 2
+    assert ev["test_acc"] == pytest.approx(summary.test_acc) and ev["epoch"] == 2
     weights_before = (run / CHECKPOINT).read_bytes()
     text = report(run)
     assert "test_acc" in text and "curves.png" in text
@@ -83,7 +86,7 @@ def test_resume_extends_a_finished_run_exactly(data_root, tmp_path):
     cfg = cfg_for(data_root, tmp_path / "part", **{"train.epochs": 2})
     summary = fit(cfg, resume=True)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"))
-    assert summary["epochs_completed"] == 2
+    assert summary.epochs_completed == 2
     with open(tmp_path / "part" / "metrics.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
 
@@ -146,7 +149,7 @@ def test_float64_and_sgd_nesterov(data_root, tmp_path):
                                                         # with SGD, epc's small-error scale matters
                                                         "learner.rescale": True}))
     assert weights(tmp_path / "r")["blocks.0.1.weight"].dtype == torch.float64
-    assert summary["test_acc"] > 20
+    assert summary.test_acc > 20
 
 
 def test_lr_schedules():
