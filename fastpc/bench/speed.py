@@ -27,25 +27,20 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import fastpc as fpc
 
+from .pcx_client import start_pcx
+from .speed_report import EpochRow, MlpRow, VggRow, WideRow, command_line, json_default, machine_info, markdown
+
 __all__ = ["add_arguments", "run", "matmul_gflops", "bp_flops", "epc_flops", "dispatch_flops"]
-
-PCX_SCRIPT = Path(__file__).resolve().with_name("pcx_speed.py")  # standalone: run by the PCX interpreter
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a subset of batches, 2 repeats (< 60 s)")
@@ -203,7 +198,7 @@ def _batches(x, y, B, n, seed, flatten=False):
 
 def _pick_threads(threads: str | int) -> int:
     """'auto': every core when the machine is quiet; 1 when other work already fills the cores
-    (intra-op threads then wait on each other's time slices: a 2-thread step can be 10x slower)."""
+    (intra-op threads then wait on each other's time slices; see benchmarks/README.md)."""
     cores = os.cpu_count() or 1
     if str(threads) != "auto":
         n = int(threads)
@@ -213,65 +208,6 @@ def _pick_threads(threads: str | int) -> int:
     except OSError:
         return cores
     return 1 if load >= cores - 0.5 else cores
-
-
-class PCXWorker:
-    """The PCX side as a long-lived process (``fastpc/bench/pcx_speed.py --serve``): it compiles
-    once, then times one pass over the same batches whenever asked, so its repeats interleave
-    with fastpc's and both sides see the same machine conditions."""
-
-    def __init__(self, args, widths, batches):
-        self.tmp = tempfile.TemporaryDirectory()
-        path = Path(self.tmp.name) / "batches.npz"
-        np.savez(path, x=np.stack([b[0].flatten(1).numpy() for b in batches]),
-                 y=np.stack([b[1].numpy() for b in batches]))
-        cmd = [args.pcx_python, str(PCX_SCRIPT), "--data", str(path), "--widths", ",".join(map(str, widths)),
-               "--iters", "5", "--state-lr", "0.1", "--serve"]
-        env = dict(os.environ)
-        pin = None
-        if args.threads == 1:  # the same resources as the torch side: one thread on one core
-            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=1"
-            if hasattr(os, "sched_setaffinity"):
-                core = min(os.sched_getaffinity(0))
-                pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
-        self.batches = len(batches)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env, preexec_fn=pin)
-        self.ready = self._reply()  # {"ready": True, "compile_s": ...} once compiled
-
-    def _reply(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline()
-        if not line:
-            tail = self.proc.stderr.read().strip().splitlines()[-3:]
-            raise RuntimeError(f"PCX worker exited ({self.proc.wait()}): {' | '.join(tail)}")
-        return json.loads(line)
-
-    def time_pass(self, start: int = 0, count: int | None = None) -> float:
-        """Seconds per step over batches ``start`` .. ``start + count`` (default: all)."""
-        self.proc.stdin.write("time\n" if count is None else f"time {start} {count}\n")
-        self.proc.stdin.flush()
-        return float(self._reply()["step_s"])
-
-    def close(self) -> dict[str, Any]:
-        """Stop the worker; its summary (per-pass seconds, versions, compile time)."""
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        res = json.loads(self.proc.stdout.read().strip().splitlines()[-1])
-        self.proc.wait()
-        self.tmp.cleanup()
-        res["step_s"] = statistics.median(res["per_step_s"])
-        return res
-
-
-def _start_pcx(args, widths, batches) -> tuple[PCXWorker | None, dict[str, Any] | None]:
-    """A PCX worker, or why there is none (None, None without --pcx-python)."""
-    if not args.pcx_python or "pcx" in args.skip_set:
-        return None, None
-    try:
-        return PCXWorker(args, widths, batches), None
-    except (OSError, RuntimeError, ValueError) as e:
-        print(f"  PCX run failed: {e}", file=sys.stderr)
-        return None, {"error": str(e)}
 
 
 # ---- sections -----------------------------------------------------------------------------
@@ -292,7 +228,7 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
             c.time_chunk(batches[:1])
             print(f"  {depth}x128 {c.label}: first step (compiling) {c.compile_s:.1f} s")
         c.count_flops(*batches[0])
-    worker, pcx = _start_pcx(args, widths, batches)
+    worker, pcx = start_pcx(args, widths, batches)
     chunk = max(1, args.chunk)
     pcx_times: list[float] = []
     for r in range(repeats):
@@ -323,37 +259,39 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
         pcx["per_step_s"] = pcx_times  # the interleaved chunks, one figure per repeat
         pcx["step_s"] = statistics.median(pcx_times)
     steps_per_epoch = math.ceil(60000 / B)
-    bp = cases[0].step_s
+    case = {c.label: c for c in cases}
+    s = {label: c.step_s for label, c in case.items()}  # median seconds per step
+    bp = s["bp"]
     flops = {"bp": bp_flops(widths, B)}
-    rows = []
+    rows: list[EpochRow] = []
     for c in cases:
         f = c.flops_per_step if c.fast else (flops["bp"] if c.name == "bp" else None)
-        rows.append({"algo": c.label, "step_s": c.step_s, "epoch_s": c.step_s * steps_per_epoch,
-                     "steps_per_s": 1 / c.step_s, "ratio_to_bp": c.step_s / bp, "fast_path": c.fast,
-                     "flops_per_step": f, "gflops": None if f is None else f / c.step_s / 1e9,
-                     "timed_batches": n_generic if "generic" in c.label else len(batches),
-                     "compile_s": c.compile_s})
+        rows.append(MlpRow(algo=c.label, step_s=c.step_s, epoch_s=c.step_s * steps_per_epoch,
+                           steps_per_s=1 / c.step_s, ratio_to_bp=c.step_s / bp, fast_path=c.fast,
+                           flops_per_step=f, gflops=None if f is None else f / c.step_s / 1e9,
+                           timed_batches=n_generic if "generic" in c.label else len(batches),
+                           compile_s=c.compile_s))
     out: dict[str, Any] = {"net": f"mlp {depth}x128", "widths": widths, "batch": B, "iters": T,
                            "steps_per_epoch": steps_per_epoch, "rows": rows}
     if pcx is not None and "step_s" in pcx:
-        rows.append({"algo": "PCX spc (jit)", "step_s": pcx["step_s"], "epoch_s": pcx["step_s"] * steps_per_epoch,
-                     "steps_per_s": 1 / pcx["step_s"], "ratio_to_bp": pcx["step_s"] / bp, "fast_path": None,
-                     "flops_per_step": None, "gflops": None, "timed_batches": pcx["batches"]})
+        rows.append(EpochRow(algo="PCX spc (jit)", step_s=pcx["step_s"], epoch_s=pcx["step_s"] * steps_per_epoch,
+                             steps_per_s=1 / pcx["step_s"], ratio_to_bp=pcx["step_s"] / bp, fast_path=None,
+                             flops_per_step=None, gflops=None, timed_batches=pcx["batches"]))
         out["pcx"] = pcx
-        out["spc_over_pcx"] = cases[1].step_s / pcx["step_s"]
+        out["spc_over_pcx"] = s["spc"] / pcx["step_s"]
         if args.compile:
-            out["spc_compiled_over_pcx"] = cases[5].step_s / pcx["step_s"]
+            out["spc_compiled_over_pcx"] = s["spc (compiled)"] / pcx["step_s"]
     elif pcx is not None:
         out["pcx"] = pcx
     ef = epc_flops(widths, B, T)
-    out["epc_over_bp"] = cases[2].step_s / bp
+    out["epc_over_bp"] = s["epc"] / bp
     out["epc_flop_ratio"] = ef / flops["bp"]
     out["epc_over_bp_vs_flops"] = out["epc_over_bp"] / out["epc_flop_ratio"]
-    out["fast_speedup"] = {"spc": cases[3].step_s / cases[1].step_s, "epc": cases[4].step_s / cases[2].step_s}
+    out["fast_speedup"] = {"spc": s["spc (generic)"] / s["spc"], "epc": s["epc (generic)"] / s["epc"]}
     if args.compile:
-        out["epc_compiled_over_bp"] = cases[6].step_s / bp
-        out["compiled_speedup"] = {"spc": cases[1].step_s / cases[5].step_s, "epc": cases[2].step_s / cases[6].step_s}
-        out["compile_s"] = {"spc": cases[5].compile_s, "epc": cases[6].compile_s}
+        out["epc_compiled_over_bp"] = s["epc (compiled)"] / bp
+        out["compiled_speedup"] = {"spc": s["spc"] / s["spc (compiled)"], "epc": s["epc"] / s["epc (compiled)"]}
+        out["compile_s"] = {"spc": case["spc (compiled)"].compile_s, "epc": case["epc (compiled)"].compile_s}
     return out
 
 
@@ -373,8 +311,8 @@ def _wide_section(args, X, Y, n_batches, repeats, mm_rate) -> dict[str, Any]:
     for c in cases:
         f = c.flops_per_step if c.fast else bp_flops(widths, B)
         g = f / c.step_s / 1e9
-        rows.append({"algo": c.label, "step_s": c.step_s, "steps_per_s": 1 / c.step_s, "flops_per_step": f,
-                     "gflops": g, "fraction_of_matmul": g / mm_rate})
+        rows.append(WideRow(algo=c.label, step_s=c.step_s, steps_per_s=1 / c.step_s, flops_per_step=f,
+                            gflops=g, fraction_of_matmul=g / mm_rate))
     return {"net": "mlp 4x1024", "widths": widths, "batch": B, "iters": 5, "rows": rows, "matmul_gflops": mm_rate}
 
 
@@ -392,136 +330,12 @@ def _vgg_section(args, X, Y, n_batches, repeats) -> dict[str, Any]:
             c.time(batches)
     steps_per_epoch = math.ceil(60000 / B)
     bp, bp_f = cases[0].step_s, cases[0].flops_per_step
-    rows = [{"algo": c.label, "step_s": c.step_s, "epoch_s": c.step_s * steps_per_epoch, "steps_per_s": 1 / c.step_s,
-             "ratio_to_bp": c.step_s / bp, "fast_path": c.fast, "flops_per_step": c.flops_per_step,
-             "gflops": c.flops_per_step / c.step_s / 1e9, "flop_ratio": c.flops_per_step / bp_f,
-             "over_flop_ratio": (c.step_s / bp) / (c.flops_per_step / bp_f)} for c in cases]
+    rows = [VggRow(algo=c.label, step_s=c.step_s, epoch_s=c.step_s * steps_per_epoch, steps_per_s=1 / c.step_s,
+                   ratio_to_bp=c.step_s / bp, fast_path=c.fast, flops_per_step=c.flops_per_step,
+                   gflops=c.flops_per_step / c.step_s / 1e9, flop_ratio=c.flops_per_step / bp_f,
+                   over_flop_ratio=(c.step_s / bp) / (c.flops_per_step / bp_f)) for c in cases]
     return {"net": f"vgg5 width_mult={args.vgg_width}", "batch": B, "iters": 5, "rows": rows,
             "steps_per_epoch": steps_per_epoch, "timed_batches": len(batches)}
-
-
-# ---- report --------------------------------------------------------------------------------
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg_start": load}
-
-
-def _fmt(v, spec=".2f"):
-    return "—" if v is None else format(v, spec)
-
-
-def _markdown(res: dict[str, Any]) -> str:
-    m = res["machine"]
-    lines = ["# fastpc speed benchmark", "",
-             f"Command: `{res['command']}`  ", f"Date: {res['date']}  ",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-             f"Python {m['python']}  ",
-             f"Load average at start / end: {_fmt_load(m.get('loadavg_start'))} / {_fmt_load(m.get('loadavg_end'))}  ",
-             f"Data: {res['data']}; repeats {res['repeats']} (median); on the MLPs every algorithm, PCX "
-             f"included, runs {res.get('chunk', '?')} batches in turn (then the next), so machine drift falls on all "
-             "alike; the generic-path rows and the other sections take turns once per repeat.  ",
-             f"Measured fp32 matmul rate (1024² torch.mm): **{res['matmul_gflops']:.1f} GFLOP/s**", ""]
-    for sec in res.get("mlp", []):
-        lines += [f"## {sec['net']} (widths {sec['widths'][0]}→…→{sec['widths'][-1]}, batch {sec['batch']}, "
-                  f"T = {sec['iters']}, CE, AdamW)", "",
-                  "| algorithm | s / epoch | steps / s | ÷ bp | MFLOP / step | GFLOP/s | timed batches |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in sec["rows"]:
-            mf = None if r["flops_per_step"] is None else r["flops_per_step"] / 1e6
-            lines.append(f"| {r['algo']} | {r['epoch_s']:.2f} | {r['steps_per_s']:.1f} | {r['ratio_to_bp']:.2f} | "
-                         f"{_fmt(mf, '.1f')} | {_fmt(r['gflops'], '.1f')} | {r['timed_batches']} |")
-        lines.append("")
-        def verdict(v):
-            return "target ≤ 0.5 met" if v <= 0.5 else ("faster than PCX, target ≤ 0.5 missed" if v <= 1
-                                                        else "SLOWER than PCX")
-
-        if "spc_over_pcx" in sec:
-            v = sec["spc_over_pcx"]
-            lines.append(f"- fastpc spc ÷ PCX spc: **{v:.2f}** eager ({verdict(v)})"
-                         + (f", **{sec['spc_compiled_over_pcx']:.2f}** compiled ({verdict(sec['spc_compiled_over_pcx'])})"
-                            if "spc_compiled_over_pcx" in sec else "")
-                         + f"; PCX compile {sec['pcx']['compile_s']:.1f} s (jax {sec['pcx']['jax_version']}), not counted.")
-        elif "pcx" in sec:
-            lines.append(f"- PCX run failed: {sec['pcx'].get('error')}")
-        else:
-            lines.append("- PCX column skipped: no PCX interpreter given (`--pcx-python` / `FASTPC_PCX_PYTHON`).")
-        lim = 1.15 * sec["epc_flop_ratio"]
-        lines.append(f"- fastpc epc ÷ bp: **{sec['epc_over_bp']:.2f}**; analytic FLOP ratio {sec['epc_flop_ratio']:.2f} "
-                     f"→ {sec['epc_over_bp_vs_flops']:.2f} × the FLOP ratio (target ≤ 1.15: "
-                     f"{'met' if sec['epc_over_bp'] <= lim else 'missed'}).")
-        if "epc_compiled_over_bp" in sec:
-            v = sec["epc_compiled_over_bp"]
-            lines.append(f"- compiled epc ÷ bp: **{v:.2f}** → {v / sec['epc_flop_ratio']:.2f} × the FLOP ratio "
-                         f"(target ≤ 1.15: {'met' if v <= lim else 'missed'}).")
-        lines.append(f"- fast path vs generic autograd path: spc {sec['fast_speedup']['spc']:.1f}× faster, "
-                     f"epc {sec['fast_speedup']['epc']:.1f}× faster.")
-        if "compiled_speedup" in sec:
-            cs, ct = sec["compiled_speedup"], sec["compile_s"]
-            lines.append(f"- compiled step vs eager fast path: spc {cs['spc']:.2f}× faster, epc {cs['epc']:.2f}× "
-                         f"faster; compiling took {_fmt(ct['spc'], '.0f')} s (spc), {_fmt(ct['epc'], '.0f')} s (epc), "
-                         "not counted (a warm inductor cache shortens it).")
-        lines.append("")
-    if "wide" in res:
-        w = res["wide"]
-        lines += [f"## Wide MLP {w['widths']} , batch {w['batch']}, T = {w['iters']}", "",
-                  "| algorithm | ms / step | MFLOP / step | GFLOP/s | ÷ matmul rate |", "|---|---:|---:|---:|---:|"]
-        for r in w["rows"]:
-            lines.append(f"| {r['algo']} | {r['step_s'] * 1e3:.1f} | {r['flops_per_step'] / 1e6:.0f} | "
-                         f"{r['gflops']:.1f} | {r['fraction_of_matmul']:.0%} |")
-        lines += ["", f"Matmul rate {w['matmul_gflops']:.1f} GFLOP/s; target ≥ 50 % for spc and epc.", ""]
-    if "vgg" in res:
-        v = res["vgg"]
-        lines += [f"## {v['net']} on Fashion-MNIST 28×28, batch {v['batch']}, T = {v['iters']} "
-                  f"({v['timed_batches']} batches timed)", "",
-                  "| algorithm | s / epoch | steps / s | ÷ bp | MFLOP / step | FLOP ratio to bp | ÷ bp ÷ FLOP ratio "
-                  "| GFLOP/s | fast path |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in v["rows"]:
-            lines.append(f"| {r['algo']} | {r['epoch_s']:.1f} | {r['steps_per_s']:.2f} | {r['ratio_to_bp']:.2f} | "
-                         f"{r['flops_per_step'] / 1e6:.0f} | {r['flop_ratio']:.2f} | {r['over_flop_ratio']:.2f} | "
-                         f"{r['gflops']:.1f} | {'yes' if r['fast_path'] else 'no (generic)'} |")
-        lines += ["", "FLOPs here are counted at the dispatcher for the path that runs (matrix products and "
-                  "convolutions, forward and backward, PyTorch's formulas)", ""]
-    lines += ["Epoch seconds = median seconds per step × 469 steps (60,000 / 128). FLOPs: 2·m·k·n per matrix "
-              "product, elementwise work and the optimizer not counted; spc/epc counted by the fast path "
-              "(sPC skips products on exactly-zero errors), bp = forward + weight grads + input grads.", ""]
-    return "\n".join(lines)
-
-
-def _fmt_load(load) -> str:
-    return "?" if not load else ", ".join(f"{v:.2f}" for v in load)
-
-
-def _command(pcx: bool, suite_argv: list[str] | None) -> str:
-    """The invocation (``fastpc bench speed ARGS`` when run through the CLI, else this process's
-    command line); a local PCX interpreter path becomes ``FASTPC_PCX_PYTHON=<pcx venv python>``."""
-    if suite_argv is not None:
-        argv = ["fastpc", "bench", "speed", *suite_argv]
-    else:
-        prog = Path(sys.argv[0]).name if sys.argv else ""
-        argv = (["python", "-m", "fastpc.bench.speed"] if prog == "speed.py" else [sys.argv[0]]) + sys.argv[1:]
-    kept, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--pcx-python":
-            skip = True
-        elif not a.startswith("--pcx-python="):
-            kept.append(a)
-    cmd = shlex.join(kept)
-    return ("FASTPC_PCX_PYTHON=<pcx venv>/bin/python " + cmd) if pcx else cmd
 
 
 def run(args: argparse.Namespace) -> int:
@@ -541,8 +355,8 @@ def run(args: argparse.Namespace) -> int:
     except fpc.UserError as e:
         print(f"speed: {e} (or pass --synthetic)", file=sys.stderr)
         return 2
-    res: dict[str, Any] = {"command": _command(bool(args.pcx_python), getattr(args, "argv", None)), "date": _dt.datetime.now().isoformat(timespec="seconds"),
-                           "machine": _machine(), "data": data_name, "repeats": repeats, "quick": quick,
+    res: dict[str, Any] = {"command": command_line(bool(args.pcx_python), getattr(args, "argv", None)), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+                           "machine": machine_info(), "data": data_name, "repeats": repeats, "quick": quick,
                            "chunk": args.chunk}
     if not args.pcx_python:
         print("speed: no PCX interpreter given (--pcx-python or FASTPC_PCX_PYTHON): the PCX column is skipped")
@@ -557,13 +371,13 @@ def run(args: argparse.Namespace) -> int:
         res["vgg"] = _vgg_section(args, X, Y, 2 if quick else 10, repeats)
     res["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     res["seconds"] = time.perf_counter() - t0
-    md = _markdown(res)
+    md = markdown(res)
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "speed-quick" if quick else "speed"
     (out / f"{stem}.md").write_text(md)
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=json_default))
     print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')} in {res['seconds']:.0f} s")
     return 0
 
