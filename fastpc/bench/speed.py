@@ -37,10 +37,11 @@ import torch
 
 import fastpc as fpc
 
-from .pcx_client import start_pcx
+from .pcx_client import PCX_SCRIPT, start_pcx
 from .speed_report import EpochRow, MlpRow, VggRow, WideRow, command_line, json_default, machine_info, markdown
 
-__all__ = ["add_arguments", "run", "matmul_gflops", "bp_flops", "epc_flops", "dispatch_flops"]
+__all__ = ["add_arguments", "run", "matmul_gflops", "bp_flops", "epc_flops", "dispatch_flops",
+           "PCX_SCRIPT"]  # PCX_SCRIPT: the worker script, from pcx_client
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a subset of batches, 2 repeats (< 60 s)")
