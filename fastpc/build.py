@@ -71,10 +71,10 @@ def build_net(cfg: Config, num_classes: int, in_shape: tuple[int, int, int]) -> 
         with allocating("model"):
             if m.arch == "mlp":
                 hidden = list(m.widths) if m.widths is not None else [m.width] * (m.depth - 1)
-                return mlp([c * h * w, *hidden, num_classes], act=m.act, init=m.init)
+                return mlp([c * h * w, *hidden, num_classes], act=m.act, init=m.weight_init)
             if m.arch == "vgg":
                 return vgg(m.name, in_channels=c, num_classes=num_classes, image_size=h,
-                           width_mult=m.width_mult, act=m.act, init=m.init)
+                           width_mult=m.width_mult, act=m.act, init=m.weight_init)
             return resnet(m.name or "resnet18", in_channels=c, num_classes=num_classes, image_size=h,
                           width_mult=m.width_mult)
     except (ValueError, TypeError) as e:

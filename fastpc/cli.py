@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise UserError(f"cannot resume {run}: not a fastpc run folder (no config.yaml)")
-        cfg = load_config(run / "config.yaml", [*args.set, f"train.out={json.dumps(str(run))}"])
+        cfg = load_config(run / "config.yaml", [*args.set, f"train.out={json.dumps(str(run))}"], stored=True)
         summary = fit(cfg, resume=True)
     else:
         cfg = load_config(_config_path(args.config) if args.config else None, args.set)

@@ -27,8 +27,13 @@ from .errors import UserError
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "LearnerConfig", "OptimConfig", "TrainConfig",
     "load_config", "config_from_dict", "config_to_dict", "apply_overrides", "parse_override",
-    "dump_config", "valid_keys",
+    "dump_config", "valid_keys", "RENAMED_KEYS", "upgrade_stored_config",
 ]
+
+RENAMED_KEYS: dict[str, str] = {"model.init": "model.weight_init"}
+"""Keys renamed since a release wrote them: old dotted key -> new. A config the user gives with an
+old key is refused naming the new one; a config fastpc stored (a run's config.yaml, a
+checkpoint's) is read with the old key under its new name (:func:`upgrade_stored_config`)."""
 
 
 def _one_line(text: object) -> str:
@@ -91,8 +96,8 @@ class ModelConfig:
     """vgg: vgg5, vgg7, vgg9 or vgg10; resnet: resnet18 (the default for resnet)."""
     act: str = "gelu"
     """Activation: relu, gelu, tanh, sigmoid, silu, leaky_relu or identity (mlp, vgg)."""
-    init: str = "orthogonal"
-    """Weight init: orthogonal, kaiming_uniform, gaussian or default (mlp, vgg)."""
+    weight_init: str = "orthogonal"
+    """Weight initialisation: orthogonal, kaiming_uniform, gaussian or default (mlp, vgg)."""
     width_mult: float = 1.0
     """Channel multiplier for vgg / resnet (e.g. 0.25 for CPU-sized runs)."""
 
@@ -108,7 +113,7 @@ class ModelConfig:
         if not 0.0 < self.width_mult <= 64.0:
             _fail("model.width_mult", f"must be in (0, 64], got {self.width_mult}")
         _choice("model.act", self.act, sorted(ACTIVATIONS))
-        _choice("model.init", self.init, ["orthogonal", "kaiming_uniform", "gaussian", "default"])
+        _choice("model.weight_init", self.weight_init, ["orthogonal", "kaiming_uniform", "gaussian", "default"])
         names = {"vgg": sorted(VGG_CONFIGS), "resnet": ["resnet18"], "mlp": []}[self.arch]
         if self.arch == "vgg" and self.name is None:
             _fail("model.name", f"is required with model.arch=vgg; expected one of {names}")
@@ -286,6 +291,8 @@ def _choice(key: str, value: str, choices: list[str]) -> None:
 
 
 def _unknown_key(key: str, candidates: list[str]) -> UserError:
+    if key in RENAMED_KEYS:
+        return UserError(f"config key {key!r} is now {RENAMED_KEYS[key]!r}; rename it")
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if close:
         return UserError(f"unknown config key {key!r}; did you mean {close[0]!r}?")
@@ -373,8 +380,26 @@ def _section(name: str, cls: type, values: Any) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(d: Any) -> Config:
-    """Validate a nested dict (as read from YAML) into a :class:`Config`; missing keys take defaults."""
+def upgrade_stored_config(d: Any) -> Any:
+    """A config dict fastpc stored (a run's config.yaml, a checkpoint's ``config``) with the keys
+    renamed since (:data:`RENAMED_KEYS`) under their new names; anything else is returned as is."""
+    if not isinstance(d, dict):
+        return d
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for old, new in RENAMED_KEYS.items():
+        (section, old_name), (_, new_name) = old.split(".", 1), new.split(".", 1)
+        values = out.get(section)
+        if isinstance(values, dict) and old_name in values:
+            value = values.pop(old_name)
+            values.setdefault(new_name, value)
+    return out
+
+
+def config_from_dict(d: Any, stored: bool = False) -> Config:
+    """Validate a nested dict (as read from YAML) into a :class:`Config`; missing keys take defaults.
+    ``stored``: ``d`` is a config fastpc stored, whose renamed keys are read under their new names."""
+    if stored:
+        d = upgrade_stored_config(d)
     if d is None:
         d = {}
     if not isinstance(d, dict):
@@ -459,9 +484,12 @@ def read_yaml(path: str | Path) -> Any:
                         f"{_one_line(getattr(e, 'problem', None) or e)}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults (the quickstart) <- YAML file <- ``--set`` overrides, validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, stored: bool = False) -> Config:
+    """Defaults (the quickstart) <- YAML file <- ``--set`` overrides, validated. ``stored``: the
+    file is a run's config.yaml, whose renamed keys are read under their new names."""
     d = read_yaml(path) if path is not None else {}
+    if stored:
+        d = upgrade_stored_config(d)
     if d is None:
         d = {}
     if not isinstance(d, dict):

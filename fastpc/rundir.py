@@ -147,7 +147,7 @@ def _is_fastpc_config(path: Path) -> bool:
 
     try:
         d = read_yaml(path)
-        config_from_dict(d)
+        config_from_dict(d, stored=True)
     except UserError:
         return False
     return isinstance(d, dict)

@@ -188,12 +188,13 @@ def results_complete(run_dir: Path, epochs: int) -> bool:
 
 # ---- config.yaml ----------------------------------------------------------------------------------
 def run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    """The config of the run folder ``run_dir`` (its config.yaml) with ``--set`` ``overrides``."""
+    """The config of the run folder ``run_dir`` (its config.yaml, keys renamed since read under
+    their new names) with ``--set`` ``overrides``."""
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} not found")
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a fastpc run folder (no config.yaml)")
-    return load_config(run_dir / "config.yaml", overrides)
+    return load_config(run_dir / "config.yaml", overrides, stored=True)
 
 
 def _run_config_dict(path: Path) -> dict[str, Any]:
@@ -204,7 +205,7 @@ def _run_config_dict(path: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path} is damaged (empty or truncated: no {', '.join(missing)} section); "
                         "fastpc train writes every section; restore it from a copy")
-    return config_to_dict(config_from_dict(d))
+    return config_to_dict(config_from_dict(d, stored=True))
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -215,7 +216,7 @@ def check_run_config(run_dir: Path, ckpt: dict[str, Any], path: Path) -> None:
     """A run's config.yaml must be the config its checkpoint ``ckpt`` (from ``path``) was written
     with, or, after a kill between writing the two, the one it replaced."""
     found = _run_config_dict(run_dir / "config.yaml")
-    stored = [config_to_dict(config_from_dict(ckpt[k])) for k in ("config", "previous_config") if ckpt.get(k)]
+    stored = [config_to_dict(config_from_dict(ckpt[k], stored=True)) for k in ("config", "previous_config") if ckpt.get(k)]
     if stored and found not in stored:
         diff = _differences(found, stored[0])
         raise UserError(f"{run_dir / 'config.yaml'} does not match the config stored in {path} "

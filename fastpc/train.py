@@ -159,7 +159,7 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunSummar
                 restore_learner(learner, ckpt, run_dir / CHECKPOINT, cfg)
                 start_epoch, history, previous = int(ckpt["epoch"]), ckpt["history"], ckpt.get("config")
                 if start_epoch >= t.epochs:
-                    return _finish(cfg, config_from_dict(ckpt["config"]), run_dir, learner, device, history,
+                    return _finish(cfg, config_from_dict(ckpt["config"], stored=True), run_dir, learner, device, history,
                                    data, start_epoch)
                 torch.set_rng_state(ckpt["rng"]["torch"])
                 if device.type == "cuda" and ckpt["rng"].get("cuda"):

@@ -183,3 +183,37 @@ def test_real_subprocess_bad_input(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key 'learner.stat_lr'; did you mean 'learner.state_lr'?"]
     assert not (tmp_path / "r").exists()
+
+
+def test_run_stored_before_weight_init_was_renamed(capsys, data_root, tmp_path, trained):
+    """A run whose config.yaml and checkpoint say ``model.init`` (before ``model.weight_init``)
+    can still be evaluated, reported and resumed; the resumed run stores the new name."""
+    import yaml
+
+    from fastpc.rundir import load_checkpoint, save_checkpoint
+
+    run = Path(shutil.copytree(trained, tmp_path / "old"))
+
+    def old_style(config: dict) -> dict:
+        config = {k: dict(v) for k, v in config.items()}
+        config["model"]["init"] = config["model"].pop("weight_init")
+        return config
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump(old_style(config), sort_keys=False))
+    ckpt = load_checkpoint(run / CHECKPOINT)
+    ckpt["config"] = old_style(ckpt["config"])
+    save_checkpoint(run / CHECKPOINT, ckpt)
+    assert "init: orthogonal" in (run / "config.yaml").read_text()
+
+    rc, out, err = cli(capsys, "eval", str(run))
+    assert rc == 0 and '"test_acc"' in out, err
+    rc, out, err = cli(capsys, "report", str(run), "--no-diagnostics")
+    assert rc == 0 and "test_acc" in out, err
+    rc, out, err = cli(capsys, "train", "--resume", str(run), "--set", "train.epochs=2")
+    assert rc == 0, err
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["weight_init"] == "orthogonal"
+    assert load_checkpoint(run / CHECKPOINT)["epoch"] == 2
+    # a config the user writes with the old key is refused, naming the new one
+    rc, _, err = cli(capsys, "train", "--resume", str(run), "--set", "train.epochs=3", "model.init=gaussian")
+    assert_user_error(rc, err, "'model.init' is now 'model.weight_init'")

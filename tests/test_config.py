@@ -17,6 +17,7 @@ from fastpc.config import (
     config_from_dict,
     config_to_dict,
     load_config,
+    upgrade_stored_config,
     valid_keys,
 )
 from fastpc.rundir import save_config
@@ -210,3 +211,20 @@ def test_init_options_reach_the_initializer():
         load_config(None, ["learner.init=normal", "learner.init_options={beta: 1}"])
     with pytest.raises(fpc.UserError, match="learner.init_options: expected a mapping"):
         load_config(None, ["learner.init_options=3"])
+
+
+def test_weight_init_and_state_init_have_their_own_names(tmp_path):
+    cfg = load_config(None, ["model.weight_init=gaussian", "learner.init=zeros"])
+    assert (cfg.model.weight_init, cfg.learner.init) == ("gaussian", "zeros")
+    old = "'model.init' is now 'model.weight_init'"
+    with pytest.raises(fpc.UserError, match=old):
+        load_config(None, ["model.init=gaussian"])
+    p = tmp_path / "old.yaml"
+    p.write_text("model: {arch: mlp, init: gaussian}\n")
+    with pytest.raises(fpc.UserError, match=old) as e:
+        load_config(p)
+    assert "\n" not in str(e.value)
+    # a config fastpc stored before the rename (a run's config.yaml, a checkpoint's) still reads
+    assert load_config(p, stored=True).model.weight_init == "gaussian"
+    assert config_from_dict({"model": {"init": "gaussian"}}, stored=True).model.weight_init == "gaussian"
+    assert upgrade_stored_config({"model": {"init": "gaussian"}}) == {"model": {"weight_init": "gaussian"}}
