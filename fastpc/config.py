@@ -155,9 +155,9 @@ class LearnerConfig:
     compile: bool | Literal["auto"] = "auto"
     """spc/epc on an MLP with init forward: run each training step (FF pass, inference, local
     update) as one torch.compile graph, for batches of the training batch size. Same maths as
-    the eager fast path, 10-35 % less time per step on a 2-core CPU, after 15-160 s of
-    compiling. auto: on for CPU runs of at least 40,000 training steps (where that pays back)
-    when a C++ compiler is available; off on CUDA (not measured there: set true to try it)."""
+    the eager fast path, less time per step after a one-off compile (benchmarks/README.md).
+    auto: on for CPU runs of at least 40,000 training steps (where compiling pays back) when a
+    C++ compiler is available; off on CUDA (set true to try it)."""
 
     def __post_init__(self) -> None:
         from .init import list_inits

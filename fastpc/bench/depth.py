@@ -6,7 +6,7 @@ one process so that seconds per epoch are comparable. Writes ``depth.md`` + ``de
 the depth-20 diagnostics (energy heatmap spc | epc, alignment with BP, iterations to the
 linear equilibrium versus depth) as PNGs under ``--out`` (default ``benchmarks/results``).
 
-``--quick`` is a smoke run (< 2 min on 2 cores): depths 2 and 4, a 1,024-example train subset,
+``--quick`` is a smoke run: depths 2 and 4, a 1,024-example train subset,
 one seed, one epoch, small diagnostics.
 """
 
@@ -33,7 +33,7 @@ __all__ = ["VARIANTS", "Variant", "CellResult", "add_arguments", "run", "train_c
 
 @dataclass(frozen=True)
 class Variant:
-    """One column of the table: a learner with fixed options (tuned at depth 20, see depth.md)."""
+    """One column of the table: a learner with fixed options (tuned at depth 20, see benchmarks/README.md)."""
 
     label: str
     learner: str
@@ -41,7 +41,7 @@ class Variant:
     note: str = ""
 
 
-# Tuned settings (search documented in benchmarks/results/depth.md and benchmarks/README.md).
+# Tuned settings (the search is in benchmarks/README.md, "How the depth settings were tuned").
 VARIANTS: dict[str, Variant] = {
     "bp": Variant("bp", "bp", {}, "autograd of the batch-mean loss"),
     "spc": Variant("spc", "spc", {"iters": 5, "state_lr": 0.1, "momentum": 0.0},
@@ -57,36 +57,6 @@ VARIANTS: dict[str, Variant] = {
 }
 DEFAULT_VARIANTS = ("bp", "spc", "epc")
 
-TUNING_NOTES = """\
-## How the settings were tuned
-
-Search at depth 20, seed 0, batch 128, AdamW 3e-4 (first 300 steps unless noted):
-
-| learner | settings | test acc % | note |
-|---|---|---:|---|
-| bp | — | 82.40 (300 steps) | |
-| spc | λ = 0.05, momentum 0.4, T = 5 | 51.62 (300 steps) | |
-| spc | **λ = 0.1, momentum 0, T = 5** | **56.03** (300 steps) | chosen |
-| epc | η_e = 0.1 or 0.01, T = 5, no line search | 10–18 (300 steps) | diverged, loss 1e4–1e5 |
-| epc | η_e = 0.001, T = 5, no line search | 80.38 (300 steps) | diverges later: steps 1219 / 1322 of 1407 in the full sweep |
-| epc | η_e = 0.1, T = 5, per-sample backtracking, energy must not rise | 10.15 (300 steps) | diverged |
-| epc | η_e = 0.1, T = 5, per-sample Armijo 0.9 / 0.5 | 78.96 / 73.34 (3 epochs) | trains, cos(update, BP) falls to < 0.5 |
-| epc | η_e = 0.1, T = 5, per-sample Armijo 0.99 | 85.82 (3 epochs) | cos 0.8–0.9 |
-| epc | **η_e = 0.1, T = 5, batch Armijo 0.99 (default)** | **85.87** (3 epochs) | cos(update, BP) ≥ 0.998 in every block all run |
-| epc | η_e = 0.1, T = 5, batch Armijo 0.9 | 84.88 (3 epochs) | cos ≥ 0.97 |
-
-Why fixed-step ePC fails at depth 20: training grows the deep Jacobian, so the curvature κ of
-the energy along the error gradient grows; once η_e·κ is not small, the T steps leave the
-first-order regime in which the ePC update is η_e·T × the BP gradient (PAPERS.md §2) and the
-update turns away from BP (cos 0.999 → 0.28 before the loss explodes at step ~1200 with
-η_e = 0.001). Forbidding the energy to rise does not help: the inference is stable, the update
-is what goes wrong. The default line search asks each step to deliver 99 % of the decrease its
-gradient predicts (Armijo), which holds only while η·κ ≲ 0.02, and on a rejection refits η to
-the measured curvature. One step size for the whole batch matters: per-sample steps reweight
-the samples in the update (Σ_b η_b g_b instead of η Σ_b g_b) and the alignment drops to
-0.4–0.9. The equilibrium regime (epc-eq) is reported separately: PC at a real equilibrium is not
-BP, and on deep nets its update can lower the equilibrium energy by growing the deep Jacobian.
-"""
 DIVERGED_LOSS = 1e3  # a CE loss above this (chance is ln 10 ≈ 2.3) stops the cell as diverged
 
 
@@ -295,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
            "seeds. s / epoch: training steps only (no evaluation), single process, all cells in this run.", ""]
     if diag_md:
         md += [diag_md, ""]
-    md += [TUNING_NOTES]
+    md += ["How these settings were tuned: benchmarks/README.md (\"How the depth settings were tuned\").", ""]
     (out / "depth.md").write_text("\n".join(md))
     print(f"wrote {out / 'depth.md'} and {out / 'depth.json'}" + (f" and {len(pngs)} PNGs" if pngs else ""))
     return 0
