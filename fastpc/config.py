@@ -30,10 +30,9 @@ __all__ = [
     "dump_config", "valid_keys", "RENAMED_KEYS", "upgrade_stored_config",
 ]
 
+# Keys renamed since fastpc wrote them, old -> new: a config the user gives with an old key is
+# refused naming the new one; one fastpc stored is read under the new names (upgrade_stored_config).
 RENAMED_KEYS: dict[str, str] = {"model.init": "model.weight_init"}
-"""Keys renamed since a release wrote them: old dotted key -> new. A config the user gives with an
-old key is refused naming the new one; a config fastpc stored (a run's config.yaml, a
-checkpoint's) is read with the old key under its new name (:func:`upgrade_stored_config`)."""
 
 
 def _one_line(text: object) -> str:
@@ -388,18 +387,14 @@ def upgrade_stored_config(d: Any) -> Any:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for old, new in RENAMED_KEYS.items():
         (section, old_name), (_, new_name) = old.split(".", 1), new.split(".", 1)
-        values = out.get(section)
-        if isinstance(values, dict) and old_name in values:
-            value = values.pop(old_name)
-            values.setdefault(new_name, value)
+        if isinstance(out.get(section), dict) and old_name in out[section]:
+            out[section].setdefault(new_name, out[section].pop(old_name))
     return out
 
 
-def config_from_dict(d: Any, stored: bool = False) -> Config:
-    """Validate a nested dict (as read from YAML) into a :class:`Config`; missing keys take defaults.
-    ``stored``: ``d`` is a config fastpc stored, whose renamed keys are read under their new names."""
-    if stored:
-        d = upgrade_stored_config(d)
+def config_from_dict(d: Any) -> Config:
+    """Validate a nested dict (as read from YAML) into a :class:`Config`; missing keys take defaults
+    (a config fastpc stored: ``config_from_dict(upgrade_stored_config(d))``)."""
     if d is None:
         d = {}
     if not isinstance(d, dict):

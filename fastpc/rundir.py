@@ -143,11 +143,11 @@ def _entries(folder: Path) -> list[str]:
 
 
 def _is_fastpc_config(path: Path) -> bool:
-    from .config import config_from_dict, read_yaml
+    from .config import config_from_dict, read_yaml, upgrade_stored_config
 
     try:
         d = read_yaml(path)
-        config_from_dict(d, stored=True)
+        config_from_dict(upgrade_stored_config(d))
     except UserError:
         return False
     return isinstance(d, dict)

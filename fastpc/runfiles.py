@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import plots
-from .config import Config, config_from_dict, config_to_dict, load_config, read_yaml
+from .config import Config, config_from_dict, config_to_dict, load_config, read_yaml, upgrade_stored_config
 from .errors import UserError
 from .rundir import atomic_write_text
 
@@ -205,7 +205,7 @@ def _run_config_dict(path: Path) -> dict[str, Any]:
     if missing:
         raise UserError(f"{path} is damaged (empty or truncated: no {', '.join(missing)} section); "
                         "fastpc train writes every section; restore it from a copy")
-    return config_to_dict(config_from_dict(d, stored=True))
+    return config_to_dict(config_from_dict(upgrade_stored_config(d)))
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -216,7 +216,8 @@ def check_run_config(run_dir: Path, ckpt: dict[str, Any], path: Path) -> None:
     """A run's config.yaml must be the config its checkpoint ``ckpt`` (from ``path``) was written
     with, or, after a kill between writing the two, the one it replaced."""
     found = _run_config_dict(run_dir / "config.yaml")
-    stored = [config_to_dict(config_from_dict(ckpt[k], stored=True)) for k in ("config", "previous_config") if ckpt.get(k)]
+    stored = [config_to_dict(config_from_dict(upgrade_stored_config(ckpt[k])))
+              for k in ("config", "previous_config") if ckpt.get(k)]
     if stored and found not in stored:
         diff = _differences(found, stored[0])
         raise UserError(f"{run_dir / 'config.yaml'} does not match the config stored in {path} "

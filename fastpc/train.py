@@ -29,7 +29,7 @@ from tqdm import tqdm
 from . import energy as E
 from .build import (COMPILE_AUTO_STEPS, build_learner, build_net_for, build_optimizer, data_record, lr_factor,
                     make_run_loaders, resolve_compile, resolve_device, restore_learner, seed_everything)
-from .config import Config, config_from_dict, config_to_dict
+from .config import Config, config_from_dict, config_to_dict, upgrade_stored_config
 from .errors import UserError
 from .learners import Learner
 from .nets import PCNet, frozen_batchnorm_stats
@@ -159,8 +159,8 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunSummar
                 restore_learner(learner, ckpt, run_dir / CHECKPOINT, cfg)
                 start_epoch, history, previous = int(ckpt["epoch"]), ckpt["history"], ckpt.get("config")
                 if start_epoch >= t.epochs:
-                    return _finish(cfg, config_from_dict(ckpt["config"], stored=True), run_dir, learner, device, history,
-                                   data, start_epoch)
+                    trained = config_from_dict(upgrade_stored_config(ckpt["config"]))
+                    return _finish(cfg, trained, run_dir, learner, device, history, data, start_epoch)
                 torch.set_rng_state(ckpt["rng"]["torch"])
                 if device.type == "cuda" and ckpt["rng"].get("cuda"):
                     torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

@@ -226,5 +226,5 @@ def test_weight_init_and_state_init_have_their_own_names(tmp_path):
     assert "\n" not in str(e.value)
     # a config fastpc stored before the rename (a run's config.yaml, a checkpoint's) still reads
     assert load_config(p, stored=True).model.weight_init == "gaussian"
-    assert config_from_dict({"model": {"init": "gaussian"}}, stored=True).model.weight_init == "gaussian"
+    assert config_from_dict(upgrade_stored_config({"model": {"init": "gaussian"}})).model.weight_init == "gaussian"
     assert upgrade_stored_config({"model": {"init": "gaussian"}}) == {"model": {"weight_init": "gaussian"}}

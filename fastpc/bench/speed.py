@@ -356,8 +356,8 @@ def run(args: argparse.Namespace) -> int:
     except fpc.UserError as e:
         print(f"speed: {e} (or pass --synthetic)", file=sys.stderr)
         return 2
-    res: dict[str, Any] = {"command": command_line(bool(args.pcx_python), getattr(args, "argv", None)), "date": _dt.datetime.now().isoformat(timespec="seconds"),
-                           "machine": machine_info(), "data": data_name, "repeats": repeats, "quick": quick,
+    res: dict[str, Any] = {"command": command_line(bool(args.pcx_python), getattr(args, "argv", None)),
+                           "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(), "data": data_name, "repeats": repeats, "quick": quick,
                            "chunk": args.chunk}
     if not args.pcx_python:
         print("speed: no PCX interpreter given (--pcx-python or FASTPC_PCX_PYTHON): the PCX column is skipped")
