@@ -1,4 +1,4 @@
-"""The compiled training step (``compile=True``): the same numbers as the eager fast path in
+"""The compiled training step (``compile=True``): the same numbers as the eager step in
 float64, a clean fall-back when compiling fails, and the ``learner.compile`` switch."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import torch
 from torch.testing import assert_close
 
 import fastpc as fpc
-import fastpc.fast as fast_mod
+import fastpc.learners.compiled as compiled_mod
 from fastpc.config import UserError, load_config
 from fastpc.learners.base import Learner
 from fastpc.train import COMPILE_AUTO_STEPS, resolve_compile
 
 TOL = dict(rtol=1e-11, atol=1e-12)
-WHY_NOT = fast_mod.compile_unavailable()
+WHY_NOT = compiled_mod.compile_unavailable()
 needs_compile = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 
 
@@ -88,7 +88,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
             raise RuntimeError("no C++ compiler\nsecond line")
         return fn
 
-    monkeypatch.setattr(fast_mod, "compiled_step", broken)
+    monkeypatch.setattr(compiled_mod, "compile_step", broken)
     comp, eager = _pair("spc", iters=3)
     xs, ys = _data(3)
     with pytest.warns(RuntimeWarning, match="compiling the spc step failed .*RuntimeError: no C\\+\\+ compiler"):
@@ -113,7 +113,7 @@ def test_bad_input_is_not_blamed_on_the_compiler(monkeypatch):
             raise RuntimeError("index out of range in compiled code")
         return fn
 
-    monkeypatch.setattr(fast_mod, "compiled_step", failing)
+    monkeypatch.setattr(compiled_mod, "compile_step", failing)
     comp, _ = _pair("epc", iters=2)
     x, _ = _data(1)
     with pytest.raises(ValueError, match=r"class indices in y must lie in \[0, 4\)"):
@@ -137,7 +137,9 @@ def test_compiled_step_only_where_it_applies():
     assert not fpc.make_learner("spc", net, compile=True, fast=False).uses_compiled_step
     assert not fpc.make_learner("spc", net, compile=True, incremental=True).uses_compiled_step
     conv = fpc.vgg("vgg5", in_channels=1, num_classes=4, image_size=16, width_mult=0.0625)
-    assert not fpc.make_learner("epc", conv, compile=True).uses_compiled_step
+    assert fpc.make_learner("epc", conv, compile=True).uses_compiled_step  # every block analytic
+    res = fpc.resnet(width_mult=0.0625)  # residual blocks run on the autograd fallback
+    assert not fpc.make_learner("epc", res, compile=True).uses_compiled_step
     with pytest.raises(ValueError, match="compile must be True or False"):
         fpc.make_learner("epc", net, compile="yes")
 

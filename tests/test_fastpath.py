@@ -1,4 +1,7 @@
-"""The fast path (fastpc.fast) gives the numbers of the generic autograd path, in float64."""
+"""The learners' one inference loop over block ops gives the numbers of a plain autograd
+reference (tests/reference.py) in float64, and the analytic block ops give those of the
+autograd fallback (``fast=False``) on an MLP, a VGG (conv + pool) and a ResNet-18 (residual
+blocks on the fallback)."""
 
 from __future__ import annotations
 
@@ -6,34 +9,43 @@ import copy
 
 import pytest
 import torch
+from reference import Reference
 from torch import nn
 from torch.testing import assert_close
 
 import fastpc as fpc
-from fastpc.fast import plan_mlp
+import fastpc.learners.descent as descent
 
 TOL = dict(rtol=1e-10, atol=1e-11)
 
 ACTS = ["gelu", "relu", "tanh", "sigmoid", "silu", "leaky_relu", "identity"]
 
 
-def _data(n=3, B=8, seed=0):
+def _data(n=3, B=8, seed=0, shape=(1, 4, 4), classes=5):
     g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(B, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(n)]
-    ys = [torch.randint(0, 5, (B,), generator=g) for _ in range(n)]
+    xs = [torch.randn(B, *shape, generator=g, dtype=torch.float64) for _ in range(n)]
+    ys = [torch.randint(0, classes, (B,), generator=g) for _ in range(n)]
     return xs, ys
 
 
+def _learners(name, net, fasts=(True, False), sgd=False, **opts):
+    """One learner per ``fast`` setting, each on its own copy of ``net`` with its own AdamW
+    (``sgd``: SGD, which does not blow rounding noise in a near-zero gradient up to a step)."""
+    out = []
+    for fast in fasts:
+        n = copy.deepcopy(net)
+        opt = torch.optim.SGD(n.parameters(), lr=1e-3) if sgd else torch.optim.AdamW(n.parameters(), lr=1e-2)
+        out.append(fpc.make_learner(name, n, optimizer=opt, fast=fast, **opts))
+    return out
+
+
 def _pair(name, widths=(16, 12, 10, 9, 5), act="gelu", **opts):
+    """(learner on the analytic ops, the autograd reference of a learner with the same options)."""
     torch.manual_seed(0)
     net = fpc.mlp(list(widths), act=act).double()
-    nets = [net, copy.deepcopy(net)]
-    learners = []
-    for fast, n in zip((True, False), nets):
-        opt = torch.optim.AdamW(n.parameters(), lr=1e-2)
-        learners.append(fpc.make_learner(name, n, optimizer=opt, fast=fast, **opts))
-    assert learners[0].uses_fast_path and not learners[1].uses_fast_path
-    return learners
+    fast, generic = _learners(name, net, **opts)
+    assert fast.uses_fast_path and not generic.uses_fast_path
+    return fast, Reference(generic)
 
 
 def _infer_both_stopping_at(fast, ref, stop: int):
@@ -125,6 +137,17 @@ def test_deep_net_signal_tracking(name):
         assert_close(p1, p2, **TOL)
 
 
+def test_spc_from_the_ff_state_skips_the_layers_the_signal_has_not_reached():
+    """sPC's step from the FF state on a 20-block net with T = 5 runs a fraction of ePC's
+    products (ePC reaches every layer on step 1; sPC's signal moves one layer per step)."""
+    torch.manual_seed(0)
+    net = fpc.mlp([16] + [7] * 19 + [5]).double()
+    spc, epc = (_learners(name, net, fasts=(True,), iters=5, state_lr=0.1)[0] for name in ("spc", "epc"))
+    xs, ys = _data(n=1)
+    spc.step(xs[0], ys[0]), epc.step(xs[0], ys[0])
+    assert 0 < spc.last_flops < 0.4 * epc.last_flops
+
+
 @pytest.mark.parametrize("name", ["spc", "epc"])
 def test_callback_and_early_stop(name):
     fast, ref = _pair(name, iters=8, state_lr=0.2)
@@ -145,42 +168,51 @@ def test_float32_close():
             assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_fallbacks_and_option():
+def test_fast_option():
+    """fast="auto": analytic ops where a block has them; True: every block must; False: the
+    autograd fallback everywhere. Every option of the learners runs on the analytic ops."""
     net = fpc.mlp([16, 12, 5])
-    assert fpc.make_learner("spc", net).uses_fast_path
-    assert fpc.make_learner("epc", net).uses_fast_path  # the default (safeguarded) ePC
     for name in ("spc", "epc"):
         for safeguard in (False, True):
             assert fpc.make_learner(name, net, safeguard=safeguard, armijo=0.5, fast=True).uses_fast_path
-    assert not fpc.make_learner("spc", net, state_optimizer="adam").uses_fast_path
-    assert not fpc.make_learner("spc", net, incremental=True).uses_fast_path
-    assert not fpc.make_learner("epc", net, fast=False).uses_fast_path
-    with pytest.raises(ValueError, match="adam"):
-        fpc.make_learner("spc", net, state_optimizer="adam", fast=True)
+        assert not fpc.make_learner(name, net, fast=False).uses_fast_path
+    assert fpc.make_learner("spc", net, state_optimizer="adam", fast=True).uses_fast_path
+    assert fpc.make_learner("spc", net, incremental=True, fast=True).uses_fast_path
     with pytest.raises(ValueError, match="fast must be"):
         fpc.make_learner("spc", net, fast="yes")
     conv = fpc.vgg("vgg5", in_channels=1, image_size=16, width_mult=1 / 32)
-    assert plan_mlp(conv) is None
-    assert not fpc.make_learner("epc", conv).uses_fast_path
-    with pytest.raises(ValueError, match="Linear"):
-        fpc.make_learner("epc", conv, fast=True)
-    odd = fpc.PCNet([nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU()), nn.Linear(4, 2)])
-    assert plan_mlp(odd) is None
+    assert fpc.make_learner("epc", conv, fast=True).uses_fast_path
+    res = fpc.resnet(width_mult=0.0625)
+    assert not fpc.make_learner("epc", res).uses_fast_path  # residual blocks: the fallback
+    with pytest.raises(ValueError, match=r"block 0 \(Sequential\), block 1 \(BasicBlock\).* have no analytic ops"):
+        fpc.make_learner("epc", res, fast=True)
+    odd = fpc.PCNet([nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)), nn.Linear(4, 2)])
+    assert not fpc.make_learner("spc", odd).uses_fast_path
 
 
 def test_bias_free_and_frozen_params():
     torch.manual_seed(0)
     net = fpc.mlp([16, 12, 10, 5], bias=False).double()
-    ref = copy.deepcopy(net)
+    net.blocks[1][0].weight.requires_grad_(False)
     x, y = _data(n=1)[0][0], _data(n=1)[1][0]
-    a = fpc.make_learner("spc", net, iters=4).grads(x, y)
-    b = fpc.make_learner("spc", ref, iters=4, fast=False).grads(x, y)
-    assert a.keys() == b.keys()
+    fast, generic = _learners("spc", net, iters=4)
+    a, b = fast.grads(x, y), Reference(generic).grads(x, y)
+    assert a.keys() == b.keys() and "blocks.1.0.weight" not in a
     for k in b:
         assert_close(a[k], b[k], **TOL)
 
 
-# ---- safeguard (descend's backtracking line search) --------------------------------------
+@pytest.mark.parametrize("opts", [
+    dict(state_optimizer="adam", state_lr=0.05),
+    dict(incremental=True),
+    dict(incremental=True, momentum=0.5, init="normal"),
+])
+def test_adam_states_and_ipc(opts):
+    fast, ref = _pair("spc", iters=5, **{"state_lr": 0.2, **opts})
+    _check_pair(fast, ref, *_data())
+
+
+# ---- safeguard (the backtracking line search of fastpc.learners.descent) ---------------------
 
 
 def _rejected(eq) -> bool:
@@ -222,14 +254,14 @@ WIDTHS5 = (16, 12, 10, 9, 7, 5)  # 5 blocks
 @pytest.mark.parametrize("armijo", [0.0, 0.99])
 @pytest.mark.parametrize("name", ["spc", "epc"])
 def test_safeguard_matches_generic(name, armijo, momentum):
-    """A step far past the stability limit: the line search rejects and shrinks; the fast
-    path takes the same decisions (states, energy, trace, grads, weights after 3 steps)."""
+    """A step far past the stability limit: the line search rejects and shrinks; the learner
+    takes the reference's decisions (states, energy, trace, grads, weights after 3 steps)."""
     opts = dict(widths=WIDTHS5, iters=6, state_lr=5.0, momentum=momentum)
     fast, ref = _pair(name, safeguard=True, armijo=armijo, **opts)
     xs, ys = _data()
     eq = _check_pair(fast, ref, xs, ys)
     assert _rejected(eq)
-    plain = _pair(name, safeguard=False, **opts)[1].infer(xs[0], ys[0], trace=True)
+    plain = _pair(name, safeguard=False, **opts)[0].infer(xs[0], ys[0], trace=True)
     assert not torch.allclose(plain.trace, eq.trace)
 
 
@@ -247,8 +279,8 @@ def test_safeguard_default_regime(name, loss):
 
 @pytest.mark.parametrize("name", ["spc", "epc"])
 def test_safeguard_sync_free_path(name, monkeypatch):
-    """The torch.where path the fast path takes off the CPU gives the same numbers."""
-    monkeypatch.setattr(fpc.fast, "_BRANCH_ON_CPU", False)
+    """The torch.where line search (off the CPU, and compiled) gives the same numbers."""
+    monkeypatch.setattr(descent, "BRANCH_ON_CPU", False)
     fast, ref = _pair(name, widths=WIDTHS5, iters=6, state_lr=5.0, momentum=0.5, safeguard=True, armijo=0.5)
     xs, ys = _data()
     assert _rejected(_check_pair(fast, ref, xs, ys))
@@ -263,7 +295,7 @@ def test_safeguard_callback_and_early_stop(name):
 
 
 def test_native_gelu_restores_onednn_flag():
-    """The fast path switches oneDNN off only around small GELU calls (and leaves it off if it was)."""
+    """The GELU op switches oneDNN off only around small calls (and leaves it off if it was)."""
     fast, _ = _pair("spc", iters=3)
     xs, ys = _data(n=1)
     was = torch.backends.mkldnn.enabled
@@ -290,3 +322,36 @@ def test_few_class_softmax_and_cost(n_classes):
     assert torch.equal(target, torch.nn.functional.one_hot(y, n_classes).to(yhat.dtype))
     assert_close(E.output_cost(yhat, y, "ce"), torch.nn.functional.cross_entropy(yhat, y, reduction="sum"), **TOL)
     assert_close(E.output_cost(yhat, y, "mse"), 0.5 * (yhat - target).pow(2).sum(), **TOL)
+
+
+# ---- analytic block ops vs the autograd fallback, on every net --------------------------------
+NETS = {
+    "mlp": (lambda: fpc.mlp([16, 12, 10, 9, 5]), (1, 4, 4), 5),
+    "vgg": (lambda: fpc.vgg("vgg5", in_channels=1, image_size=16, width_mult=0.0625), (1, 16, 16), 10),
+    "resnet": (lambda: fpc.resnet(width_mult=0.0625), (3, 16, 16), 10),
+}
+CASES = {
+    "spc": ("spc", dict(state_lr=0.2)),
+    "spc-linesearch": ("spc", dict(state_lr=3.0, safeguard=True, armijo=0.5, momentum=0.5)),
+    "ipc": ("spc", dict(state_lr=0.2, incremental=True)),
+    "epc": ("epc", dict(state_lr=0.05, safeguard=False)),  # a stable step on every net
+    "epc-linesearch": ("epc", dict(state_lr=0.2)),  # the default: line search, armijo 0.99
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("net_name", list(NETS))
+def test_analytic_ops_match_the_fallback(net_name, case):
+    """``fast`` (analytic ops where a block has them) equals ``fast=False`` (the autograd
+    fallback for every block), and both equal the autograd reference: equilibrium, trace,
+    gradients, and the weights after three SGD steps."""
+    make, shape, classes = NETS[net_name]
+    name, opts = CASES[case]
+    torch.manual_seed(0)
+    net = make().double()
+    fast, generic, generic2, ref = _learners(name, net, fasts=("auto", False, False, False), iters=4, sgd=True,
+                                             **opts)
+    assert fast.uses_fast_path is (net_name != "resnet")
+    xs, ys = _data(B=4, shape=shape, classes=classes)
+    _check_pair(fast, generic, xs, ys)
+    _check_pair(generic2, Reference(ref), xs, ys)

@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 import fastpc as fpc
+from fastpc.learners.descent import Descent, Relaxation, Stack, minimize
 
 LEARNERS = fpc.list_learners()
 
@@ -207,23 +208,44 @@ def test_callback_stops_inference_early():
     assert seen == list(range(1, 8)) and eq.iters == 7
 
 
+class _Quadratic(Relaxation):
+    """E(v) = ½κ‖v‖² over one stacked variable."""
+
+    def __init__(self, v0, kappa):
+        self.v, self.kappa = Stack.of([v0], v0), kappa
+
+    def forward(self):
+        pass
+
+    def moved(self, start):
+        pass
+
+    def energy(self):
+        return 0.5 * self.kappa * self.v.flat.dot(self.v.flat)
+
+    def parts(self):
+        return self.energy()[None]
+
+    def grad(self, out):
+        torch.mul(self.v.flat, self.kappa, out=out.flat)
+        return 0
+
+    def states(self):
+        return list(self.v.views)
+
+
 @pytest.mark.parametrize("armijo", [0.0, 0.5, 0.9, 0.99])
 def test_armijo_line_search_on_a_quadratic_closed_form(armijo):
     """On E(v) = ½κ‖v‖² with a first step far too large (η·κ > 2, E rises), the rejected
     step is refitted to η·κ = min(1, 1.8(1 − armijo)) exactly (the quadratic model is exact),
     after which every step is accepted: T − 1 contractions by (1 − η·κ)."""
-    from fastpc.learners.base import descend
-
     kappa = 10.0
     v0 = torch.tensor([[1.0, -2.0], [0.5, 3.0], [2.0, 0.0]], dtype=torch.float64)
-
-    def energy_fn(vs):
-        return 0.5 * kappa * vs[0].pow(2).sum(1), [], None
-
     T = 6
-    (v,), _, _ = descend([v0], energy_fn, torch.zeros(3), "mse", T, lr=1.0, safeguard=True, armijo=armijo)
+    problem = _Quadratic(v0, kappa)
+    minimize(problem, Descent(T, lr=1.0, safeguard=True, armijo=armijo))
     contraction = 1 - min(1.0, 1.8 * (1 - armijo))
-    assert_close(v, v0 * contraction ** (T - 1), rtol=1e-9, atol=1e-300)
+    assert_close(problem.v.views[0], v0 * contraction ** (T - 1), rtol=1e-9, atol=1e-300)
 
 
 def test_default_epc_update_stays_aligned_with_bp_where_fixed_step_does_not():

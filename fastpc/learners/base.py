@@ -23,8 +23,7 @@ Hooks that later algorithms use without reshaping the contract:
 from __future__ import annotations
 
 import abc
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +34,7 @@ from .. import energy as E
 from ..init import StateInit, make_init
 from ..nets import PCNet, frozen_batchnorm_stats
 
-__all__ = ["Equilibrium", "StepResult", "Learner", "descend"]
+__all__ = ["Equilibrium", "StepResult", "Learner", "check_option"]
 
 
 @dataclass
@@ -76,120 +75,10 @@ class StepResult:
     equilibrium: Equilibrium
 
 
-def _check(cond: bool, msg: str) -> None:
+def check_option(cond: bool, msg: str) -> None:
+    """``ValueError(msg)`` unless ``cond``: a learner option that does not hold."""
     if not cond:
         raise ValueError(msg)
-
-
-EnergyFn = Callable[[list[torch.Tensor]], tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]]
-
-
-def descend(
-    variables: list[torch.Tensor],
-    energy_fn: EnergyFn,
-    y: torch.Tensor,
-    loss: str,
-    iters: int,
-    lr: float,
-    momentum: float = 0.0,
-    optimizer: str = "sgd",
-    safeguard: bool = False,
-    armijo: float = 0.0,
-    trace: bool = False,
-    after_step: Callable[[int, list[torch.Tensor]], bool | None] | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, int]:
-    """Gradient descent on an energy over ``variables`` (states for sPC, errors for ePC).
-
-    ``energy_fn(vars) -> (per_sample_energy (B,), hidden errors, output)`` is evaluated with
-    autograd on; the gradient w.r.t. every variable comes from one backward pass, which
-    computes no weight gradients.
-
-    ``safeguard``: a backtracking line search on the batch energy E with one step size η for
-    the whole batch (so that, as in plain ePC, every sample's errors move by the same η and the
-    weight update keeps BP's weighting of the samples). A step is accepted when it decreases E
-    by at least ``armijo`` × the decrease its gradient predicts, E_new ≤ E_old − armijo·η⟨g, u⟩
-    (the Armijo condition; ``armijo=0``: E must not rise). A rejected step is undone and η
-    shrunk to fit the curvature κ along it, measured by the quadratic through E_old, its slope
-    and E_new: 90 % of the largest step that quadratic accepts, η·κ = 2(1 − armijo), at most
-    its minimiser η·κ = 1 (clipped to [η·1e-6, η/2]). The step then stays in force for the
-    rest of the batch. With ``armijo`` near 1 every step is far below 1/κ: after T steps
-    η·κ·T ≲ 2T(1 − armijo), the regime in which one ePC update is η·T × the BP gradient
-    (PAPERS.md §2) even where the deep Jacobian has grown large.
-
-    ``after_step(t, vars)`` runs after iteration t (1-based); returning True stops inference.
-
-    Returns the final variables (detached), with ``trace`` the per-layer energies before every
-    iteration (a list of tensors of shape (L,), else None), and the iterations run.
-    """
-    vs = [v.detach().clone().requires_grad_(True) for v in variables]
-    traces: list[torch.Tensor] | None = [] if trace else None
-    vel = [torch.zeros_like(v) for v in vs] if (momentum > 0 or optimizer == "adam") else None
-    sq = [torch.zeros_like(v) for v in vs] if optimizer == "adam" else None
-    if safeguard:
-        step = torch.tensor(lr, dtype=vs[0].dtype, device=vs[0].device)
-        prev_v: list[torch.Tensor] | None = None
-        prev_g: list[torch.Tensor] = []
-        prev_e = prev_parts = pred = step  # placeholders until the first step
-        tol = 8 * torch.finfo(vs[0].dtype).eps
-        fit = min(1.0, 1.8 * (1 - armijo))
-    for t in range(iters):
-        with torch.enable_grad():
-            e_b, errs, out = energy_fn(vs)
-            grads = list(torch.autograd.grad(e_b.sum(), vs))
-        parts = E.layer_energies(errs, out, y, loss) if traces is not None else None
-        with torch.no_grad():
-            if safeguard:
-                e = e_b.detach().sum()
-                if prev_v is not None:
-                    rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
-                    for v, pv, g, pg in zip(vs, prev_v, grads, prev_g):
-                        v.copy_(torch.where(rose, pv, v))
-                        g.copy_(torch.where(rose, pg, g))
-                    # quadratic φ(a) = E_old − a·pred + ½κa² through E_new at a = step
-                    curv = (2 * (e - prev_e + step * pred) / step.pow(2)).clamp_min(torch.finfo(e.dtype).tiny)
-                    shrunk = torch.minimum(torch.maximum(fit * pred / curv, step * 1e-6), step * 0.5)
-                    step = torch.where(rose, shrunk, step)
-                    e = torch.where(rose, prev_e, e)
-                    if vel is not None:  # a rejected step restarts the momentum
-                        torch._foreach_mul_(vel, (~rose).to(e.dtype))
-                    if parts is not None:
-                        parts = torch.where(rose, prev_parts, parts)
-                prev_v = [v.detach().clone() for v in vs]
-                prev_g, prev_e, prev_parts = grads, e, parts
-            if traces is not None:
-                traces.append(parts)
-            if optimizer == "adam":
-                b1, b2 = 0.9, 0.999
-                torch._foreach_lerp_(vel, grads, 1 - b1)
-                torch._foreach_mul_(sq, b2)
-                torch._foreach_addcmul_(sq, grads, grads, 1 - b2)
-                c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-                den = torch._foreach_sqrt(torch._foreach_div(sq, c2))
-                torch._foreach_add_(den, 1e-8)
-                upd = torch._foreach_div(vel, den)
-                torch._foreach_mul_(upd, 1.0 / c1)
-            elif vel is not None:
-                torch._foreach_mul_(vel, momentum)
-                torch._foreach_add_(vel, grads)
-                upd = vel
-            else:
-                upd = grads
-            if safeguard:
-                pred = sum((g * u).sum() for g, u in zip(grads, upd))
-                torch._foreach_sub_(vs, torch._foreach_mul(upd, step))
-            else:
-                torch._foreach_add_(vs, upd, alpha=-lr)
-        if after_step is not None and after_step(t + 1, vs) is True:
-            iters = t + 1
-            break
-    if safeguard and prev_v is not None:
-        # the last step must pass the same test
-        with torch.no_grad():
-            e_b, _, _ = energy_fn(vs)
-            rose = e_b.sum() > prev_e - armijo * step * pred + tol * prev_e.abs()
-            for v, pv in zip(vs, prev_v):
-                v.copy_(torch.where(rose, pv, v))
-    return [v.detach() for v in vs], traces, iters
 
 
 class Learner(abc.ABC):
@@ -334,19 +223,6 @@ class Learner(abc.ABC):
         return True
 
     # ---- pieces subclasses compose ----------------------------------------------------
-    def _set_inference_options(
-        self, iters: int, state_lr: float, momentum: float, safeguard: bool, armijo: float
-    ) -> None:
-        """Validate and store the options every iterative-inference learner shares."""
-        _check(isinstance(iters, (int, float)) and int(iters) == iters and iters >= 0,
-               f"iters must be an integer >= 0, got {iters!r}")
-        _check(isinstance(state_lr, (int, float)) and math.isfinite(state_lr) and state_lr > 0,
-               f"state_lr must be a finite number > 0, got {state_lr!r}")
-        _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
-        _check(0 <= armijo < 1, f"armijo must be in [0, 1), got {armijo}")
-        self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
-        self.safeguard, self.armijo = bool(safeguard), float(armijo)
-
     @property
     def blocks(self) -> nn.ModuleList:
         return self.net.blocks
@@ -387,7 +263,7 @@ class Learner(abc.ABC):
                           equilibrium=eq)
 
     def _output_cost(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """ℓ(out, y) summed over the batch (``E.output_cost``; the fast path has a quicker one)."""
+        """ℓ(out, y) summed over the batch (``E.output_cost``)."""
         return E.output_cost(out, y, self.loss)
 
     def _weight_scale(self, B: int) -> float:
@@ -399,25 +275,3 @@ class Learner(abc.ABC):
         with frozen_batchnorm_stats(self.net), torch.enable_grad():
             e_local = E.local_energy(self.blocks, x, eq.states, y, self.loss)
             (e_local * self._weight_scale(y.shape[0])).backward()
-
-    def _equilibrium(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        states: list[torch.Tensor],
-        iters: int,
-        traces: Sequence[torch.Tensor] | None,
-    ) -> Equilibrium:
-        """Package final states: energy at them and the trace (with the final point)."""
-        with torch.no_grad(), frozen_batchnorm_stats(self.net):
-            preds, out = E.predictions(self.blocks, x, states)
-            parts = E.layer_energies(E.errors(states, preds), out, y, self.loss)
-        layer_trace = torch.stack([*traces, parts]) if traces is not None else None
-        return Equilibrium(
-            states=states,
-            output=out,
-            energy=parts.sum(),
-            iters=iters,
-            trace=None if layer_trace is None else layer_trace.sum(1),
-            layer_trace=layer_trace,
-        )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import energy as E
-from . import register_learner
 from .base import Equilibrium, Learner
+from .registry import register_learner
 
 
 @register_learner("bp")

@@ -4,16 +4,62 @@ from __future__ import annotations
 
 import torch
 
-from .. import energy as E
-from .. import fast as _fast
-from ..init import ForwardInit
-from ..nets import frozen_batchnorm_stats
-from . import register_learner
-from .base import Learner, descend
+from .descent import Stack
+from .pc import Chain, ChainRelaxation, PCLearner
+from .registry import register_learner
+
+
+class _EPCRelaxation(ChainRelaxation):
+    """ePC's energy over the errors v = (ε_1, ..., ε_{L-1}): the states are rebuilt by the
+    perturbed forward pass s_1 = f_1(x) + ε_1, s_i = f_i(s_{i-1}) + ε_i (f_1(x) from the FF
+    pass), and ∇_{ε_i}E = ε_i + (∂ŷ/∂s_i)ᵀ ∂ℓ/∂ŷ comes from one backward pass through it."""
+
+    def __init__(self, chain: Chain, errs0: list[torch.Tensor] | None, target, loss, whole: bool):
+        super().__init__(chain, target, loss, whole)
+        if errs0 is None:  # the FF state: zero errors, the FF pass is the first forward
+            self.v = Stack([t.out.shape for t in chain.tapes[:-1]], chain.x, zero=True)
+            self.s = [t.out for t in chain.tapes[:-1]]
+        else:
+            self.v = Stack.of(errs0, chain.x, whole)
+            self.s = [None] * (self.L - 1)
+        self.err, self.dirty = self.v, errs0 is not None and self.L > 1
+
+    def moved(self, start: int) -> None:
+        self.dirty = True
+
+    def forward(self) -> None:
+        if not self.dirty:
+            return
+        chain, eps, L = self.chain, self.v.views, self.L
+        s = chain.tapes[0].out + eps[0]
+        for k in range(1, L):
+            self.s[k - 1] = s
+            out = chain.forward(k, s).out
+            if k < L - 1:
+                s = out + eps[k]
+        self.dirty = False
+        self._output_changed()
+
+    def grad(self, out: Stack) -> int:
+        chain, eps, L = self.chain, self.v.views, self.L
+        parts: list[torch.Tensor | None] = [None] * (L - 1)
+        d = self.out_grad()
+        for k in range(L - 1, 0, -1):
+            d = chain.vjp(k, d)  # (∂ŷ/∂s_k)ᵀ ∂ℓ/∂ŷ
+            if self.whole:
+                parts[k - 1] = eps[k - 1] + d
+            else:
+                torch.add(eps[k - 1], d, out=out.views[k - 1])
+        if self.whole:
+            out.assign(parts, True)
+        return 0
+
+    def states(self) -> list[torch.Tensor]:
+        return list(self.s)
 
 
 @register_learner("epc")
-class EPC(_fast.FastPath, Learner):
+class EPC(PCLearner):
     """Error-based PC. The variables are the errors ε_1..ε_{L-1}; states are rebuilt by the
     perturbed forward pass s_i = f_i(s_{i-1}) + ε_i, so the output signal reaches every layer
     in one backward pass. ``iters`` SGD steps of size ``state_lr`` (η_e) on
@@ -22,16 +68,11 @@ class EPC(_fast.FastPath, Learner):
 
     ``rescale=True`` is the reference code's energy-scale rule: the weight loss is also divided
     by min(1, η_e·T), undoing the small-error scale (matters with SGD, not with Adam).
-    ``safeguard=True`` is a per-sample backtracking line search (see
-    :func:`fastpc.learners.base.descend`): a step must decrease the sample's energy by at least
-    ``armijo`` × the decrease its gradient predicts, else it is undone and shrunk to the
-    curvature along it. ``armijo=0``: the energy must not rise. The default (on, 0.99) keeps
-    η·κ·T small, where κ is the curvature along the step: the update then stays aligned with
-    BP even when training grows the deep Jacobian (fixed-step ePC with η_e = 0.01–0.1 diverges
-    on a 20-layer MLP within ~150 steps, with η_e = 0.001 after ~1200). ``safeguard=False``
-    is plain fixed-step ePC.
-    ``fast`` ("auto", True, False): the analytic fast path of :mod:`fastpc.fast` for MLP nets
-    (safeguard included); same numbers.
+    ``safeguard=True`` (default, ``armijo`` 0.99) is the backtracking line search of
+    :mod:`fastpc.learners.descent`: it keeps η·κ·T small, where κ is the curvature along the
+    step, so the update stays aligned with BP even when training grows the deep Jacobian
+    (fixed-step ePC diverges on a deep MLP after enough training). ``safeguard=False`` is plain
+    fixed-step ePC. ``fast`` and ``compile``: see :class:`~fastpc.learners.pc.PCLearner`.
     """
 
     def __init__(
@@ -50,68 +91,19 @@ class EPC(_fast.FastPath, Learner):
         fast: bool | str = "auto",
         compile: bool = False,
     ):
-        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
-        self._set_inference_options(iters, state_lr, momentum, safeguard, armijo)
+        super().__init__(net, loss, optimizer, init, init_options, iters=iters, state_lr=state_lr,
+                         momentum=momentum, safeguard=safeguard, armijo=armijo, fast=fast, compile=compile)
         self.rescale = bool(rescale)
-        self._init_fast(fast, compile)
 
     def options(self):
-        return {
-            **super().options(),
-            "iters": self.iters,
-            "state_lr": self.state_lr,
-            "momentum": self.momentum,
-            "rescale": self.rescale,
-            "safeguard": self.safeguard,
-            "armijo": self.armijo,
-        }
+        return {**super().options(), "rescale": self.rescale}
 
-    def _states_from_errors(self, x, mu1, errs):
-        """s_1 = f_1(x) + ε_1, s_i = f_i(s_{i-1}) + ε_i; returns (states, output)."""
-        states = [mu1 + errs[0]]
-        for block, eps in zip(self.blocks[1:-1], errs[1:]):
-            states.append(block(states[-1]) + eps)
-        return states, self.blocks[-1](states[-1])
-
-    def _relax(self, x, y, ff_states, out, trace, callback=None):
-        states0 = self.init(ff_states, x, y)
-        if not states0:
-            return self._equilibrium(x, y, [], 0, [] if trace else None)
-        mu1 = ff_states[0].detach()  # f_1(x): the clamped input's prediction
-        errs0 = None  # the FF state's errors are exactly zero
-        if type(self.init) is not ForwardInit:
-            with frozen_batchnorm_stats(self.net), torch.no_grad():  # errors of the initial states
-                errs0 = [states0[0] - mu1] + [
-                    s - b(p) for b, p, s in zip(self.blocks[1:-1], states0[:-1], states0[1:])
-                ]
-        run = self._fast_run
-        if run is not None and run.x is x:
-            states, traces, iters, final = _fast.epc_relax(
-                run, errs0, y, self.loss, self.iters, self.state_lr,
-                momentum=self.momentum, trace=trace, callback=callback,
-                safeguard=self.safeguard, armijo=self.armijo,
-            )
-            return self._fast_equilibrium(run, states, traces, iters, final)
-        if errs0 is None:
-            errs0 = [torch.zeros_like(s) for s in states0]
-
-        def energy_fn(errs):
-            _, o = self._states_from_errors(x, mu1, errs)
-            return E.energy_per_sample(errs, o, y, self.loss), errs, o
-
-        def after_step(t, errs):
-            with torch.no_grad():
-                return callback(t, self._states_from_errors(x, mu1, errs)[0])
-
-        with frozen_batchnorm_stats(self.net):
-            errs, traces, iters = descend(
-                errs0, energy_fn, y, self.loss, self.iters, self.state_lr,
-                momentum=self.momentum, safeguard=self.safeguard, armijo=self.armijo, trace=trace,
-                after_step=None if callback is None else after_step,
-            )
-            with torch.no_grad():
-                states, _ = self._states_from_errors(x, mu1, errs)
-        return self._equilibrium(x, y, states, iters, traces)
+    def _problem(self, chain, states0, target, from_ff, whole):
+        errs0 = None
+        if not from_ff and states0:  # the errors of the initial states
+            errs0 = [states0[0] - chain.tapes[0].out]
+            errs0 += [s - chain.forward(k, p).out for k, (p, s) in enumerate(zip(states0[:-1], states0[1:]), 1)]
+        return _EPCRelaxation(chain, errs0, target, self.loss, whole)
 
     def _weight_scale(self, B):
         scale = 1.0 / B

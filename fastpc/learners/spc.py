@@ -2,24 +2,86 @@
 
 from __future__ import annotations
 
-from .. import energy as E
-from .. import fast as _fast
-from ..init import ForwardInit
-from ..nets import frozen_batchnorm_stats
-from . import register_learner
-from .base import Learner, _check, descend
+import torch
+
+from .descent import Stack
+from .pc import Chain, ChainRelaxation, PCLearner
+from .registry import register_learner
+
+
+class _SPCRelaxation(ChainRelaxation):
+    """sPC's energy over the states v = (s_1, ..., s_{L-1}): ε_i = s_i − f_i(s_{i-1}),
+    ∇_{s_i}E = ε_i − J_{i+1}ᵀ ε_{i+1} (the top hidden layer: + J_Lᵀ ∂ℓ/∂ŷ).
+
+    Activity tracking: ``stale`` is the first block whose input moved since its tape (L: none),
+    ``nz`` the first hidden layer whose error may be non-zero. From the FF state only the output
+    cost is non-zero and the signal moves down one layer per step, so the blocks it has not
+    reached keep their FF tapes and no product touches their exactly-zero errors."""
+
+    def __init__(self, chain: Chain, states0, target, loss, from_ff: bool, whole: bool):
+        super().__init__(chain, target, loss, whole)
+        self.v = Stack.of(states0, chain.x, whole)
+        self.err = self.v.like(zero=True)
+        self.nz = self.L
+        self.stale = self.L if from_ff else 1
+
+    def moved(self, start: int) -> None:
+        self.stale = min(self.stale, self.v.index(start) + 1)  # views[i] is s_{i+1}, block i+1's input
+
+    def weights_changed(self) -> None:
+        """Every tape is out of date, the clamped input's prediction too (iPC)."""
+        self.stale = 0
+
+    def forward(self) -> None:
+        lo, L = self.stale, self.L
+        if lo >= L:
+            return
+        chain, s, eps = self.chain, self.v.views, self.err.views
+        if lo == 0:
+            chain.forward(0, chain.x)
+        for k in range(max(lo, 1), L):
+            chain.forward(k, s[k - 1])
+        self.nz = min(self.nz, max(lo, 1))
+        if self.whole:
+            self.err.assign([None if j + 1 < self.nz else s[j] - chain.tapes[j].out for j in range(L - 1)], True)
+        else:  # ε_i = s_i − μ_i for every i whose state or prediction moved (views index i - 1)
+            for j in range(max(lo, 1) - 1, L - 1):
+                torch.sub(s[j], chain.tapes[j].out, out=eps[j])
+        self.stale = L
+        self._output_changed()
+
+    def grad(self, out: Stack) -> int:
+        chain, eps, L, nz = self.chain, self.err.views, self.L, self.nz
+        lo = max(1, min(nz - 1, L - 1))  # the first hidden layer with a non-zero gradient
+        parts: list[torch.Tensor | None] = [None] * (L - 1)
+        for i in range(L - 1, lo - 1, -1):  # hidden layer i: views index i - 1
+            if i == L - 1:
+                gv, sign = chain.vjp(i, self.out_grad()), 1.0
+            else:
+                gv, sign = chain.vjp(i, eps[i]), -1.0  # J_{i+1}ᵀ ε_{i+1}
+            if self.whole:
+                parts[i - 1] = gv * sign if i < nz else eps[i - 1] + gv * sign
+            elif i < nz:  # ε_i is exactly zero
+                torch.mul(gv, sign, out=out.views[i - 1])
+            else:
+                torch.add(eps[i - 1], gv, alpha=sign, out=out.views[i - 1])
+        if self.whole:
+            out.assign(parts, True)
+        return out.offsets[lo - 1]
+
+    def states(self) -> list[torch.Tensor]:
+        return list(self.v.views)
 
 
 @register_learner("spc")
-class SPC(_fast.FastPath, Learner):
+class SPC(PCLearner):
     """State-based PC. Inference: ``iters`` steps of gradient descent on E w.r.t. the hidden
     states s_1..s_{L-1} (step ``state_lr`` = λ, optional ``momentum``, or Adam with
     ``state_optimizer="adam"``), from the states ``init`` gives (FF state by default). Then the
-    local weight update. ``incremental=True`` is iPC: a weight step after every inference step.
-    ``safeguard=True`` backtracks any step that does not decrease a sample's energy by
-    ``armijo`` × its predicted decrease (``armijo=0``: any step that raises it).
-    ``fast`` ("auto", True, False): the analytic fast path of :mod:`fastpc.fast` for MLP nets
-    with SGD/momentum state updates, safeguard included (not Adam or incremental); same numbers.
+    local weight update. ``incremental=True`` is iPC: a weight step after every inference step
+    (later steps see the new weights). ``safeguard=True``: the backtracking line search of
+    :mod:`fastpc.learners.descent` with ``armijo`` (``armijo=0``: the energy must not rise).
+    ``fast`` and ``compile``: see :class:`~fastpc.learners.pc.PCLearner` (iPC runs eagerly).
     """
 
     def __init__(
@@ -39,72 +101,19 @@ class SPC(_fast.FastPath, Learner):
         fast: bool | str = "auto",
         compile: bool = False,
     ):
-        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
-        _check(state_optimizer in ("sgd", "adam"), f"state_optimizer must be 'sgd' or 'adam', got {state_optimizer!r}")
-        _check(not (safeguard and state_optimizer == "adam"), "safeguard works with state_optimizer='sgd' only")
-        self._set_inference_options(iters, state_lr, momentum, safeguard, armijo)
-        self.state_optimizer, self.incremental = state_optimizer, bool(incremental)
-        self._init_fast(fast, compile)
-
-    def _fast_conflict(self):
-        if self.state_optimizer != "sgd":
-            return f"state_optimizer={self.state_optimizer!r} is not covered by the fast path"
-        if self.incremental:
-            return "incremental=True (iPC) is not covered by the fast path"
-        return None
+        super().__init__(net, loss, optimizer, init, init_options, iters=iters, state_lr=state_lr,
+                         momentum=momentum, safeguard=safeguard, armijo=armijo, fast=fast, compile=compile,
+                         state_optimizer=state_optimizer)
+        self.incremental = bool(incremental)
 
     def options(self):
-        return {
-            **super().options(),
-            "iters": self.iters,
-            "state_lr": self.state_lr,
-            "momentum": self.momentum,
-            "state_optimizer": self.state_optimizer,
-            "incremental": self.incremental,
-            "safeguard": self.safeguard,
-            "armijo": self.armijo,
-        }
+        return {**super().options(), "state_optimizer": self.state_optimizer, "incremental": self.incremental}
 
-    def _energy_fn(self, x, y):
-        blocks = self.blocks
-        mu1 = blocks[0](x).detach() if len(blocks) > 1 else None  # the clamped input's prediction
+    def _compilable(self) -> bool:
+        return not self.incremental
 
-        def energy_fn(states):
-            preds = [mu1] + [b(s) for b, s in zip(blocks[1:-1], states[:-1])]
-            out = blocks[-1](states[-1] if states else x)
-            errs = E.errors(states, preds)
-            return E.energy_per_sample(errs, out, y, self.loss), errs, out
-
-        return energy_fn
-
-    def _relax(self, x, y, ff_states, out, trace, callback=None):
-        states0 = self.init(ff_states, x, y)
-        if not states0:  # a single block: nothing to infer
-            return self._equilibrium(x, y, [], 0, [] if trace else None)
-        run = self._fast_run
-        if run is not None and run.x is x:
-            states, traces, iters, final = _fast.spc_relax(
-                run, [s.detach() for s in states0], y, self.loss, self.iters, self.state_lr,
-                momentum=self.momentum, trace=trace, callback=callback,
-                from_ff=type(self.init) is ForwardInit,
-                safeguard=self.safeguard, armijo=self.armijo,
-            )
-            return self._fast_equilibrium(run, states, traces, iters, final)
-        with frozen_batchnorm_stats(self.net):
-            states, traces, iters = descend(
-                states0,
-                self._energy_fn(x, y),
-                y,
-                self.loss,
-                self.iters,
-                self.state_lr,
-                momentum=self.momentum,
-                optimizer=self.state_optimizer,
-                safeguard=self.safeguard, armijo=self.armijo,
-                trace=trace,
-                after_step=None if callback is None else (lambda t, vs: callback(t, [v.detach() for v in vs])),
-            )
-        return self._equilibrium(x, y, states, iters, traces)
+    def _problem(self, chain, states0, target, from_ff, whole):
+        return _SPCRelaxation(chain, states0, target, self.loss, from_ff, whole)
 
     def step(self, x, y):
         if not self.incremental:
@@ -112,19 +121,16 @@ class SPC(_fast.FastPath, Learner):
         self._check_optimizer()
         ff_states, out = self._feedforward(x)
         y = self._check_target(y, out)
+        scale = self._weight_scale(y.shape[0])
 
-        def weight_step(t, states):
+        def weight_step(problem: _SPCRelaxation, t: int) -> None:
             self.optimizer.zero_grad(set_to_none=True)
-            self._weight_grads(x, y, _States(states))
+            problem.weight_grads(scale)
             self._apply_update()
+            problem.weights_changed()
 
-        eq = self._relax(x, y, ff_states, out, False, callback=weight_step)
+        eq = self._run_relax(x, y, ff_states, out, False, weight_step)
         self.init.observe(x, y, eq.states)
-        return self._step_result(self._output_cost(out, y), out, eq)
-
-
-class _States:
-    """The minimal equilibrium view ``_weight_grads`` reads (iPC updates mid-inference)."""
-
-    def __init__(self, states):
-        self.states = [s.detach() for s in states]
+        cost = self._output_cost(out, y)
+        self._chain = self._last = None
+        return self._step_result(cost, out, eq)

@@ -1,0 +1,247 @@
+"""Gradient descent on an inference energy: the one loop every PC learner's inference runs.
+
+A learner describes its energy as a :class:`Relaxation` over variables stored back to back in
+one flat buffer (a :class:`Stack`: states for sPC, errors for ePC); :func:`minimize` runs
+``iters`` steps of plain SGD, momentum or Adam on it, with the safeguard line search, traces
+and callbacks. The relaxation may declare that every variable before some offset of the stack
+has an exactly zero gradient (sPC from the feedforward state: the signal has not reached the
+lower layers yet); the loop then leaves that part of the buffers alone, which changes no number.
+
+The safeguard (``Descent.safeguard``) is a backtracking line search on the batch energy E with
+one step size η for the whole batch (so every sample's variables move by the same η and the
+weight update keeps BP's weighting of the samples). A step is accepted when it decreases E by
+at least ``armijo`` × the decrease its gradient predicts, E_new ≤ E_old − armijo·η⟨g, u⟩ (the
+Armijo condition; ``armijo=0``: E must not rise). A rejected step is undone and η shrunk to fit
+the curvature κ along it, measured by the quadratic through E_old, its slope and E_new: 90 % of
+the largest step that quadratic accepts, η·κ = 2(1 − armijo), at most its minimiser η·κ = 1
+(clipped to [η·1e-6, η/2]); a rejected step restarts the momentum. The step then stays in
+force for the rest of the batch. With ``armijo`` near 1 every step is far below 1/κ: after T
+steps η·κ·T ≲ 2T(1 − armijo), the regime in which one ePC update is η·T × the BP gradient
+(PAPERS.md §2) even where the deep Jacobian has grown large. The last step must pass the same
+test. On the CPU the accept/reject test branches on the host (an accepted step restores
+nothing); elsewhere, and for code ``torch.compile`` traces (``sync_free``), it selects with
+``torch.where`` and never synchronises.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Stack", "Relaxation", "Descent", "minimize", "BRANCH_ON_CPU"]
+
+BRANCH_ON_CPU = True  # False: the sync-free torch.where line search on the CPU too (tests use it)
+
+
+class Stack:
+    """Tensors of the given shapes back to back in one flat buffer: ``views[i]`` is tensor i
+    (contiguous), ``offsets[i]`` where it starts in ``flat``; a whole-set operation is one op."""
+
+    def __init__(self, shapes: Sequence[torch.Size], like: torch.Tensor, zero: bool = False):
+        self.shapes = [torch.Size(s) for s in shapes]
+        sizes = [math.prod(s) for s in self.shapes]
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        new = like.new_zeros if zero else like.new_empty
+        self.flat = new(self.offsets[-1])
+        self.views = [self.flat[o:o + n].view(s) for o, n, s in zip(self.offsets, sizes, self.shapes)]
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor], like: torch.Tensor, whole: bool = False) -> "Stack":
+        """A new stack holding copies of ``tensors`` (dtype and device of ``like``)."""
+        stack = cls([t.shape for t in tensors], like)
+        stack.assign(list(tensors), whole)
+        return stack
+
+    def index(self, offset: int) -> int:
+        """The tensor holding ``flat[offset]`` (``len(views)`` for the end of the buffer)."""
+        i = len(self.views)
+        while self.offsets[i] > offset:
+            i -= 1
+        return i
+
+    def like(self, zero: bool = False) -> "Stack":
+        return Stack(self.shapes, self.flat, zero)
+
+    def assign(self, parts: Sequence[torch.Tensor | None], whole: bool = False) -> None:
+        """``views[i] = parts[i]`` (None: zero). ``whole``: one copy of the concatenation, for
+        code torch.compile traces (per-view writes become a chain of scatters over the buffer
+        that inductor fuses into one very slow kernel)."""
+        if not self.views:
+            return
+        if whole:
+            self.flat.copy_(torch.cat([self.flat.new_zeros(v.numel()) if p is None else p.reshape(-1)
+                                       for v, p in zip(self.views, parts)]))
+            return
+        for v, p in zip(self.views, parts):
+            if p is None:
+                v.zero_()
+            else:
+                v.copy_(p)
+
+
+class Relaxation(abc.ABC):
+    """An inference energy E over the variables ``v`` as :func:`minimize` sees it. ``whole``:
+    write stacks whole (code torch.compile traces; see :meth:`Stack.assign`)."""
+
+    v: Stack
+    whole: bool = False
+
+    @abc.abstractmethod
+    def forward(self) -> None:
+        """Bring predictions, errors and output up to date with ``v`` (cheap when they are)."""
+
+    @abc.abstractmethod
+    def moved(self, start: int) -> None:
+        """``v.flat[start:]`` changed (``forward`` has work to do)."""
+
+    @abc.abstractmethod
+    def energy(self) -> torch.Tensor:
+        """E at the last forward, summed over the batch (0-d)."""
+
+    @abc.abstractmethod
+    def parts(self) -> torch.Tensor:
+        """Per-layer energies at the last forward, shape (L,), summing to E."""
+
+    @abc.abstractmethod
+    def grad(self, out: Stack) -> int:
+        """Write ∇_v E at the last forward into ``out.flat[start:]`` and return ``start``: the
+        gradient before it is exactly zero (and ``out`` must already hold zeros there)."""
+
+    @abc.abstractmethod
+    def states(self) -> list[torch.Tensor]:
+        """The hidden states at the last forward (what callbacks see)."""
+
+
+@dataclass(frozen=True)
+class Descent:
+    """iters steps of size ``lr`` (``state_lr``); ``optimizer`` "sgd" (with ``momentum``) or
+    "adam"; ``safeguard``: the line search with ``armijo`` (see the module docstring)."""
+
+    iters: int
+    lr: float
+    momentum: float = 0.0
+    optimizer: str = "sgd"
+    safeguard: bool = False
+    armijo: float = 0.0
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"state_optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.safeguard and self.optimizer == "adam":
+            raise ValueError("safeguard works with state_optimizer='sgd' only")
+
+
+AfterStep = Callable[[int], "bool | None"]
+
+
+class _Adam:
+    """Adam on the states (β = 0.9, 0.999, ε = 1e-8), over a tail of the flat buffers."""
+
+    def __init__(self, flat: torch.Tensor):
+        self.m, self.sq, self.t = torch.zeros_like(flat), torch.zeros_like(flat), 0
+
+    def direction(self, g: torch.Tensor, lo: int) -> torch.Tensor:
+        b1, b2 = 0.9, 0.999
+        self.t += 1
+        m, sq = self.m[lo:], self.sq[lo:]
+        m.lerp_(g, 1 - b1)
+        sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        den = (sq / c2).sqrt_().add_(1e-8)
+        return (m / den).mul_(1.0 / c1)
+
+
+def minimize(
+    problem: Relaxation,
+    opts: Descent,
+    trace: bool = False,
+    after_step: AfterStep | None = None,
+    sync_free: bool = False,
+) -> tuple[list[torch.Tensor] | None, int]:
+    """Run ``opts.iters`` descent steps on ``problem`` (in place on ``problem.v``).
+
+    ``after_step(t)`` runs after step t (1-based) with the problem forwarded at the new
+    variables; returning True stops. ``sync_free``: never branch on a tensor's value (the
+    line search selects with ``torch.where``; what torch.compile traces).
+    Returns (per-layer energies before every step, or None without ``trace``; steps run). The
+    problem is left forwarded at the final (accepted) variables."""
+    v = problem.v
+    flat, whole = v.flat, problem.whole
+    g, g_prev = v.like(zero=True), v.like(zero=True)
+    vel = torch.zeros_like(flat) if opts.momentum > 0 and opts.optimizer == "sgd" else None
+    adam = _Adam(flat) if opts.optimizer == "adam" else None
+    ls = opts.safeguard
+    if ls:
+        step = torch.tensor(opts.lr, dtype=flat.dtype, device=flat.device)
+        prev_v = v.like()
+        tol, tiny = 8 * torch.finfo(flat.dtype).eps, torch.finfo(flat.dtype).tiny
+        fit, armijo = min(1.0, 1.8 * (1 - opts.armijo)), opts.armijo
+        branch = BRANCH_ON_CPU and flat.device.type == "cpu" and not sync_free
+    traces: list[torch.Tensor] | None = [] if trace else None
+    prev_e = prev_parts = pred = None
+    saved = start = flat.numel()  # prev_v holds flat[saved:]; nothing moves before flat[start:]
+    t_run = 0
+    for t in range(opts.iters):
+        problem.forward()
+        e = problem.energy() if ls else None
+        parts = problem.parts() if traces is not None else None
+        start = min(start, problem.grad(g))
+        lo = 0 if whole else start
+        if ls and prev_e is not None:
+            rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
+            if not branch or bool(rose):
+                if branch:
+                    flat[saved:].copy_(prev_v.flat[saved:])
+                    g.flat[lo:].copy_(g_prev.flat[lo:])
+                    if vel is not None:  # a rejected step restarts the momentum
+                        vel.zero_()
+                else:
+                    torch.where(rose, prev_v.flat[saved:], flat[saved:], out=flat[saved:])
+                    torch.where(rose, g_prev.flat[lo:], g.flat[lo:], out=g.flat[lo:])
+                    if vel is not None:
+                        vel.mul_((~rose).to(flat.dtype))
+                # quadratic φ(a) = E_old − a·pred + ½κa² through E_new at a = step
+                curv = (2 * (e - prev_e + step * pred) / step.pow(2)).clamp_min(tiny)
+                shrunk = torch.minimum(torch.maximum(fit * pred / curv, step * 1e-6), step * 0.5)
+                step = torch.where(rose, shrunk, step)
+                e = torch.where(rose, prev_e, e)
+                if parts is not None:
+                    parts = torch.where(rose, prev_parts, parts)
+        if ls:
+            prev_v.flat[lo:].copy_(flat[lo:])
+            saved, prev_e, prev_parts = lo, e, parts
+        if traces is not None:
+            traces.append(parts)
+        gt = g.flat[lo:]
+        if adam is not None:
+            u = adam.direction(gt, lo)
+        elif vel is not None:
+            u = vel[lo:].mul_(opts.momentum).add_(gt)
+        else:
+            u = gt
+        if ls:
+            pred = torch.dot(gt, u)
+            flat[lo:].sub_(u * step)
+            g, g_prev = g_prev, g
+        else:
+            flat[lo:].add_(u, alpha=-opts.lr)
+        problem.moved(start)
+        t_run = t + 1
+        if after_step is not None:
+            problem.forward()
+            if after_step(t + 1) is True:
+                break
+    if ls and prev_e is not None:  # the last step must pass the same test
+        problem.forward()
+        rose = problem.energy() > prev_e - armijo * step * pred + tol * prev_e.abs()
+        if not branch or bool(rose):
+            torch.where(rose, prev_v.flat[saved:], flat[saved:], out=flat[saved:])
+            problem.moved(start)
+    problem.forward()
+    return traces, t_run

@@ -1,0 +1,411 @@
+"""What every iterative-inference PC learner (sPC, ePC) shares, over the block operations of
+its net (:mod:`fastpc.blocks`).
+
+- :class:`NetOps`: the ops of each block, made once per net (``fast``: analytic where a block
+  has them, the autograd fallback elsewhere; ``fast=False``: the fallback for every block);
+- :class:`Chain`: one batch on those ops: the input, each block's latest :class:`~fastpc.blocks.Tape`
+  and a count of the calls (the matrix-product FLOPs a step ran, :attr:`PCLearner.last_flops`);
+- :class:`ChainRelaxation`: the part of a learner's energy every PC learner has (output cost and
+  ∂ℓ/∂ŷ from one log-softmax, stacked hidden errors, per-layer energies, and the local weight
+  update of PAPERS.md §0 from the tapes inference left);
+- :class:`PCLearner`: the options, the feedforward pass on the ops (its tapes seed inference:
+  the clamped input's prediction is computed once per batch), inference through
+  :func:`fastpc.learners.descent.minimize`, and the compiled step
+  (:mod:`fastpc.learners.compiled`) over the learner's own step core.
+
+A learner adds its energy's variables and gradient (a :class:`ChainRelaxation` subclass made by
+``_problem``). Batch norm: only the feedforward pass updates running statistics.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import energy as E
+from ..blocks import AnalyticOps, AutogradOps, BlockOps, Tape, block_ops
+from ..init import ForwardInit
+from ..nets import frozen_batchnorm_stats
+from . import compiled
+from .base import Equilibrium, Learner, StepResult, check_option
+from .descent import AfterStep, Descent, Relaxation, Stack, minimize
+
+__all__ = ["NetOps", "Chain", "ChainRelaxation", "PCLearner", "StepCore"]
+
+
+class NetOps:
+    """The block ops of a net: ``fast`` False gives :class:`~fastpc.blocks.AutogradOps` for
+    every block, else :func:`~fastpc.blocks.block_ops` (``plain``: for torch.compile)."""
+
+    def __init__(self, blocks, fast: bool | str, plain: bool = False):
+        self.ops: tuple[BlockOps, ...] = tuple(AutogradOps(b) if fast is False else block_ops(b, plain)
+                                               for b in blocks)
+        self.block_ids = tuple(id(b) for b in blocks)
+        self.analytic = all(isinstance(o, AnalyticOps) for o in self.ops)
+        self.params = [p for b in blocks for p in b.parameters()]
+        self._flops: dict[tuple, list | None] = {}
+
+    def fallbacks(self) -> list[str]:
+        """'block i (Type)' for every block on the autograd fallback."""
+        return [f"block {i} ({type(o.block).__name__})" for i, o in enumerate(self.ops) if isinstance(o, AutogradOps)]
+
+    def flops(self, calls: list[int], in_shapes: list[torch.Size]) -> int | None:
+        """Multiply-add FLOPs of ``calls`` (forward, vjp, weight grads per block) on blocks with
+        these input shapes; None when a block cannot count them."""
+        key = tuple(in_shapes)
+        per = self._flops.get(key, ())
+        if per == ():
+            per = [o.flops(s) for o, s in zip(self.ops, in_shapes)]
+            per = self._flops[key] = None if any(f is None for f in per) else per
+        if per is None:
+            return None
+        return sum(calls[3 * k] * f.forward + calls[3 * k + 1] * f.vjp + calls[3 * k + 2] * f.weight_grad
+                   for k, f in enumerate(per))
+
+
+class Chain:
+    """One batch on a net's ops: block k maps s_k to f_k(s_k) (s_0 = x); ``tapes[k]`` is its
+    latest forward; ``calls`` counts forward / vjp / weight-grad calls per block."""
+
+    __slots__ = ("ops", "x", "tapes", "calls")
+
+    def __init__(self, netops: NetOps, x: torch.Tensor):
+        self.ops, self.x = netops.ops, x
+        self.tapes: list[Tape] = [None] * len(self.ops)  # type: ignore[list-item]
+        self.calls = [0] * (3 * len(self.ops))
+
+    def forward(self, k: int, s: torch.Tensor) -> Tape:
+        self.calls[3 * k] += 1
+        tape = self.tapes[k] = self.ops[k].forward(s)
+        return tape
+
+    def vjp(self, k: int, g: torch.Tensor) -> torch.Tensor:
+        self.calls[3 * k + 1] += 1
+        return self.ops[k].vjp(self.tapes[k], g)
+
+    def weight_grads(self, k: int, g: torch.Tensor, scale: float) -> None:
+        self.calls[3 * k + 2] += 1
+        self.ops[k].weight_grads(self.tapes[k], g, scale)
+
+    def feedforward(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The FF pass: ([s_1, ..., s_{L-1}], output), every tape recorded."""
+        s = self.x
+        for k in range(len(self.ops)):
+            s = self.forward(k, s).out
+        return [t.out for t in self.tapes[:-1]], s
+
+    def in_shapes(self) -> list[torch.Size]:
+        return [t.s.shape for t in self.tapes]
+
+
+def _zero_grads(block: torch.nn.Module) -> None:
+    """The gradient of a block whose error is exactly zero: zeros (autograd's), no product."""
+    for p in block.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+class ChainRelaxation(Relaxation):
+    """The energy E = Σ_i ½‖ε_i‖² + ℓ(ŷ, y) of a chain, as every PC learner has it. Subclasses
+    set ``v`` and ``err`` (the stacked hidden errors ε_1..ε_{L-1}) and keep ``nz``: the first
+    hidden layer (1-based) whose error may be non-zero; the errors below it are exactly zero."""
+
+    err: Stack
+    nz: int = 1
+
+    def __init__(self, chain: Chain, target: torch.Tensor, loss: str, whole: bool):
+        self.chain, self.target, self.loss, self.whole = chain, target, loss, whole
+        self.L = len(chain.tapes)
+        self._lsm = self._cost = self._dout = None
+
+    @property
+    def output(self) -> torch.Tensor:
+        return self.chain.tapes[-1].out
+
+    def _output_changed(self) -> None:
+        self._lsm = self._cost = self._dout = None
+
+    def _log_softmax(self) -> torch.Tensor:
+        if self._lsm is None:
+            self._lsm = E.log_softmax(self.output)
+        return self._lsm
+
+    def cost(self) -> torch.Tensor:
+        """ℓ(ŷ, y) summed over the batch (ce: from the log-softmax :meth:`out_grad` shares)."""
+        if self._cost is None:
+            if self.loss == "ce":
+                self._cost = E.ce_cost(self._log_softmax(), self.target)
+            else:
+                self._cost = E.output_cost(self.output, self.target, self.loss)
+        return self._cost
+
+    def out_grad(self) -> torch.Tensor:
+        """∂ℓ/∂ŷ: exp(log-softmax) − t for ce, ŷ − t for mse."""
+        if self._dout is None:
+            if self.loss == "ce":
+                self._dout = self._log_softmax().exp().sub_(self.target)
+            else:
+                self._dout = E.output_cost_grad(self.output, self.target, self.loss)
+        return self._dout
+
+    def energy(self) -> torch.Tensor:
+        tail = self.err.flat[self.err.offsets[self.nz - 1]:]
+        return torch.dot(tail, tail).mul_(0.5).add_(self.cost())
+
+    def parts(self) -> torch.Tensor:
+        zero = self.output.new_zeros(())
+        hidden = [torch.dot(e.view(-1), e.view(-1)) if i + 1 >= self.nz else zero
+                  for i, e in enumerate(self.err.views)]
+        return torch.stack([*hidden, self.cost() * 2.0]).mul_(0.5)
+
+    def weight_grads(self, scale: float) -> None:
+        """Add scale × ∇_θ E_local into ``p.grad`` (PAPERS.md §0) from the tapes at the current
+        states: −(∂f_k/∂θ)ᵀ ε_{k+1} per hidden block, (∂f_L/∂θ)ᵀ ∂ℓ/∂ŷ for the output block."""
+        self.forward()
+        chain = self.chain
+        for k in range(self.L - 1):
+            if k + 1 < self.nz:
+                _zero_grads(chain.ops[k].block)
+            else:
+                chain.weight_grads(k, self.err.views[k], -scale)
+        chain.weight_grads(self.L - 1, self.out_grad(), scale)
+
+
+class StepCore(NamedTuple):
+    """What a step core hands back: FF output and its cost, the final states, output and
+    per-layer energies, one gradient per parameter of the net (None: none), the call counts."""
+
+    out: torch.Tensor
+    cost: torch.Tensor
+    states: list[torch.Tensor]
+    output: torch.Tensor
+    parts: torch.Tensor
+    grads: list[torch.Tensor | None]
+    calls: list[int]
+
+
+class PCLearner(Learner):
+    """Base of the learners that relax an energy of the states by gradient descent and then
+    apply the local weight update (sPC, ePC).
+
+    ``fast``: ``"auto"`` (default) runs every block on its analytic ops where it has them and on
+    the autograd fallback elsewhere; ``True`` requires analytic ops for every block
+    (``ValueError`` naming the blocks otherwise); ``False`` runs every block on the autograd
+    fallback (the reference). The same inference loop runs either way.
+    ``compile=True``: ``step`` runs :meth:`_step_core` as one compiled graph when every block has
+    analytic ops and the states start from the FF pass, for batches of the first batch's size.
+    """
+
+    compile_failed: str | None = None  # why the compiled step was given up (then eager)
+    last_flops: int | None = None  # matmul/conv FLOPs of the last step's block calls
+
+    def __init__(self, net, loss, optimizer, init, init_options, *, iters: int, state_lr: float, momentum: float,
+                 safeguard: bool, armijo: float, fast: bool | str, compile: bool, state_optimizer: str = "sgd"):
+        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
+        check_option(isinstance(iters, (int, float)) and int(iters) == iters and iters >= 0,
+                     f"iters must be an integer >= 0, got {iters!r}")
+        check_option(isinstance(state_lr, (int, float)) and math.isfinite(state_lr) and state_lr > 0,
+                     f"state_lr must be a finite number > 0, got {state_lr!r}")
+        check_option(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        check_option(0 <= armijo < 1, f"armijo must be in [0, 1), got {armijo}")
+        check_option(fast in (True, False, "auto"), f"fast must be True, False or 'auto', got {fast!r}")
+        check_option(compile in (True, False), f"compile must be True or False, got {compile!r}")
+        self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
+        self.safeguard, self.armijo, self.state_optimizer = bool(safeguard), float(armijo), state_optimizer
+        self.descent  # noqa: B018 - validates the combination
+        self.fast, self.compile = fast, bool(compile)
+        self._ops: dict[bool, NetOps] = {}
+        self._chain: Chain | None = None  # the batch of the last feedforward pass
+        self._last: tuple[Equilibrium, ChainRelaxation] | None = None  # the last relax
+        self._compiled: tuple | None = None  # (key, compiled core, its NetOps)
+        self._compiled_batch: int | None = None
+        self._out_shapes: dict[torch.Size, torch.Size] = {}
+        if fast is True and (why := self.fast_unsupported()) is not None:
+            raise ValueError(f"fast=True but {why}; use fast='auto' to run those blocks on the autograd fallback")
+
+    @property
+    def descent(self) -> Descent:
+        return Descent(self.iters, self.state_lr, self.momentum, self.state_optimizer, self.safeguard, self.armijo)
+
+    @abc.abstractmethod
+    def _problem(self, chain: Chain, states0: list[torch.Tensor], target: torch.Tensor, from_ff: bool,
+                 whole: bool) -> ChainRelaxation:
+        """The learner's energy on ``chain`` (after its FF pass), from ``states0`` (``from_ff``:
+        they are the FF states, bit for bit)."""
+
+    def _weight_scale(self, B: int) -> float:
+        return 1.0 / B
+
+    # ---- which ops ----------------------------------------------------------------------
+    def _netops(self, plain: bool = False) -> NetOps:
+        ops = self._ops.get(plain)
+        if ops is None or ops.block_ids != tuple(id(b) for b in self.net.blocks):
+            ops = self._ops[plain] = NetOps(self.net.blocks, self.fast, plain)
+        return ops
+
+    def fast_unsupported(self) -> str | None:
+        """Why not every block runs on analytic ops (None: every block does)."""
+        if self.fast is False:
+            return "fast=False"
+        rest = self._netops().fallbacks()
+        return None if not rest else f"{', '.join(rest)} ha{'s' if len(rest) == 1 else 've'} no analytic ops"
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """Whether every block runs on its analytic ops."""
+        return self.fast is not False and self._netops().analytic
+
+    def _compilable(self) -> bool:
+        """Whether this learner's options allow the compiled step."""
+        return True
+
+    @property
+    def uses_compiled_step(self) -> bool:
+        """Whether ``step`` runs compiled: ``compile=True``, every block analytic, states from
+        the FF pass, options that allow it, and compiling has not failed."""
+        return (self.compile and self.compile_failed is None and type(self.init) is ForwardInit
+                and self.uses_fast_path and self._compilable())
+
+    # ---- the eager step ---------------------------------------------------------------------
+    def _feedforward(self, x):
+        self._check_input(x)
+        chain = Chain(self._netops(), x)
+        with torch.no_grad():
+            states, out = self._fitting(x, lambda x: chain.feedforward())
+        self._chain, self._last = chain, None
+        return states, out
+
+    def _relax(self, x, y, ff_states, out, trace, callback=None):
+        after = None if callback is None else (lambda problem, t: callback(t, problem.states()))
+        return self._run_relax(x, y, ff_states, out, trace, after)
+
+    def _run_relax(self, x, y, ff_states, out, trace: bool, after_step=None) -> Equilibrium:
+        """Inference from the init's states; ``after_step(problem, t)`` as in ``minimize``."""
+        chain = self._chain
+        if chain is None or chain.x is not x:  # states given by a caller: a fresh FF pass
+            ff_states, out = self._feedforward(x)
+            chain = self._chain
+        states0 = self.init(ff_states, x, y)
+        with frozen_batchnorm_stats(self.net), torch.no_grad():
+            problem = self._problem(chain, states0, E.dense_target(y, out), type(self.init) is ForwardInit, False)
+            traces, iters = None, 0
+            if states0:
+                hook: AfterStep | None = None if after_step is None else (lambda t: after_step(problem, t))
+                traces, iters = minimize(problem, self.descent, trace, hook)
+            problem.forward()
+            final = problem.parts()
+        layer_trace = torch.stack([*(traces or []), final]) if trace else None
+        eq = Equilibrium(states=problem.states(), output=problem.output, energy=final.sum(), iters=iters,
+                         trace=None if layer_trace is None else layer_trace.sum(1), layer_trace=layer_trace)
+        self._last = (eq, problem)
+        return eq
+
+    def _weight_grads(self, x, y, eq):
+        if self._last is None or self._last[0] is not eq:
+            return super()._weight_grads(x, y, eq)
+        problem = self._last[1]
+        with frozen_batchnorm_stats(self.net), torch.no_grad():
+            problem.weight_grads(self._weight_scale(y.shape[0]))
+        self.last_flops = self._netops().flops(problem.chain.calls, problem.chain.in_shapes())
+        self._chain = self._last = None
+
+    def _output_cost(self, out, y):
+        if self._last is not None:
+            return E.output_cost(out, self._last[1].target, self.loss)
+        return super()._output_cost(out, y)
+
+    # ---- the compiled step ----------------------------------------------------------------
+    def _step_core(self, netops: NetOps, descent: Descent, x: torch.Tensor, y: torch.Tensor) -> StepCore:
+        """One training step up to the optimizer from the FF state: the FF pass, inference and
+        the local weight gradients, on ``netops`` (plain ops; no host sync): what
+        :func:`~fastpc.learners.compiled.compile_step` traces."""
+        params = netops.params
+        for p in params:
+            p.grad = None
+        chain = Chain(netops, x)
+        states0, out = chain.feedforward()
+        target = E.dense_target(y, out)
+        problem = self._problem(chain, [s.clone() for s in states0], target, True, True)
+        if states0:
+            minimize(problem, descent, sync_free=True)
+        problem.forward()
+        parts = problem.parts()
+        problem.weight_grads(self._weight_scale(y.shape[0]))
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return StepCore(out, E.output_cost(out, target, self.loss), problem.states(), problem.output, parts,
+                        grads, list(chain.calls))
+
+    def step(self, x, y):
+        if self.optimizer is not None and self.uses_compiled_step:
+            self._check_input(x)
+            y = self._check_target(y, self._out_like(x))
+            # one compiled graph per batch size costs a compile each: only the first batch's
+            # size is compiled, any other (an epoch's last, partial batch) runs eagerly
+            if self._compiled_batch is None:
+                self._compiled_batch = x.shape[0]
+            if x.shape[0] == self._compiled_batch:
+                return self._compiled_step(x, y)
+        return super().step(x, y)
+
+    def _out_like(self, x: torch.Tensor) -> torch.Tensor:
+        """An empty tensor of the output's shape for ``x`` (one FF pass per new input shape)."""
+        shape = self._out_shapes.get(x.shape)
+        if shape is None:
+            with torch.no_grad(), frozen_batchnorm_stats(self.net):
+                shape = self._out_shapes[x.shape] = self._fitting(x, self.net).shape
+        return x.new_empty(shape)
+
+    def _compile_key(self) -> tuple:
+        return (self._netops().block_ids, self.loss, self.descent, self._weight_scale(1), self._weight_scale(2))
+
+    def _compiled_step(self, x, y) -> StepResult:
+        """``Learner.step`` with everything up to the optimizer in one compiled graph. If
+        compiling or running it fails, the step runs eagerly; when that works, the failure was
+        the compiler's: a warning says so and later steps stay eager (``compile_failed``)."""
+        key = self._compile_key()
+        if self._compiled is None or self._compiled[0] != key:
+            netops, descent = NetOps(self.net.blocks, self.fast, plain=True), self.descent
+            core = compiled.compile_step(lambda x, y: self._step_core(netops, descent, x, y), x.device)
+            self._compiled = (key, core, netops)
+        _, core, netops = self._compiled
+        try:
+            with torch.no_grad():
+                res = core(x, y)
+        except Exception as e:  # noqa: BLE001 - decided below by re-running eagerly
+            result = super().step(x, y)  # raises if the input is at fault
+            why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.compile_failed = f"{type(e).__name__}: {why}"[:300]
+            warnings.warn(f"fastpc: compiling the {self.name} step failed ({self.compile_failed}); "
+                          "training continues eagerly", RuntimeWarning, stacklevel=3)
+            return result
+        if not self._grads_cover_optimizer(netops.params, res.grads):
+            self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(netops.params, res.grads):
+            if g is not None:
+                p.grad = g
+        self._apply_update()
+        self.last_flops = netops.flops(res.calls, [x.shape] + [s.shape for s in res.states])
+        eq = Equilibrium(states=res.states, output=res.output, energy=res.parts.sum(), iters=self.iters)
+        self.init.observe(x, y, eq.states)
+        return self._step_result(res.cost, res.out, eq)
+
+    def _grads_cover_optimizer(self, params, grads) -> bool:
+        """Whether every parameter the optimizer updates gets a new gradient (then ``zero_grad``
+        is redundant: the assignment replaces every old gradient)."""
+        opt = self.optimizer
+        key = (id(opt), len(opt.param_groups), sum(len(g["params"]) for g in opt.param_groups))
+        if getattr(self, "_cover_key", None) != key:
+            fresh = {id(p) for p, g in zip(params, grads) if g is not None}
+            self._cover = all(id(p) in fresh for grp in opt.param_groups for p in grp["params"])
+            self._cover_key = key
+        return self._cover
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "iters": self.iters, "state_lr": self.state_lr, "momentum": self.momentum,
+                "safeguard": self.safeguard, "armijo": self.armijo}

@@ -1,0 +1,48 @@
+"""The learner registry: ``@register_learner("epc")``, ``make_learner(name, net, **options)``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from .._registry import registrar
+from ..nets import PCNet
+from .base import Learner
+
+__all__ = ["register_learner", "make_learner", "list_learners", "learner_class", "learner_options"]
+
+_REGISTRY: dict[str, type[Learner]] = {}
+
+
+def register_learner(name: str) -> Callable[[type[Learner]], type[Learner]]:
+    """Class decorator: ``@register_learner("epc")``."""
+    return registrar(_REGISTRY, "learner", name)
+
+
+def list_learners() -> list[str]:
+    """Names of the registered learners."""
+    return list(_REGISTRY)
+
+
+def learner_class(name: str) -> type[Learner]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown learner {name!r}; expected one of {list_learners()}")
+    return _REGISTRY[name]
+
+
+def learner_options(name: str) -> dict[str, Any]:
+    """The keyword options (with defaults) a learner accepts besides ``net``."""
+    sig = inspect.signature(learner_class(name).__init__)
+    return {k: p.default for k, p in sig.parameters.items() if k not in ("self", "net")}
+
+
+def make_learner(name: str, net: PCNet, **options: Any) -> Learner:
+    """Create a registered learner on ``net``; unknown options raise a clear ``ValueError``."""
+    cls = learner_class(name)
+    sig = inspect.signature(cls.__init__)
+    unknown = [k for k in options if k not in sig.parameters or k in ("self", "net")]
+    if unknown:
+        valid = [k for k in sig.parameters if k not in ("self", "net")]
+        raise ValueError(f"learner {name!r} has no option(s) {unknown}; valid options: {valid}")
+    return cls(net, **options)
