@@ -18,6 +18,8 @@ is the ATen kernel autograd itself would call (``convolution_backward`` with an 
 ``max_pool2d_with_indices_backward``, ``threshold_backward``, ...), with no autograd graph.
 Any other block (a residual ``BasicBlock``, batch norm, dropout, a user module) gets
 :class:`AutogradOps`, which computes the same quantities with ``torch.autograd.grad``.
+A Linear with at most 16 outputs that ends its block (a classifier head) computes its product
+transposed, (W sᵀ + b)ᵀ, and hands out that transposed view.
 
 Batch norm: a block in train mode updates its running statistics on every forward. Callers
 wrap inference and the local weight update in :func:`fastpc.nets.frozen_batchnorm_stats`, so

@@ -111,7 +111,7 @@ def resolve_compile(setting: bool | str, steps: int, device: torch.device) -> bo
     when torch.compile can build kernels here. Off on CUDA."""
     if setting != "auto":
         return bool(setting)
-    from .fast import compile_unavailable
+    from .learners.compiled import compile_unavailable
 
     return device.type == "cpu" and steps >= COMPILE_AUTO_STEPS and compile_unavailable(device) is None
 

@@ -45,7 +45,7 @@ def test_ff_init_hidden_errors_zero_and_energy_is_output_cost(name):
     eq = fpc.make_learner(name, net, iters=0).infer(x, y, trace=True)
     assert eq.layer_trace.shape == (1, net.depth)
     assert torch.equal(eq.layer_trace[0, :-1], torch.zeros(net.depth - 1, dtype=DT))
-    # The learner's FF pass (fast path: its own GEMMs, the classifier product transposed) and
+    # The learner's FF pass (block ops: their own GEMMs, the classifier product transposed) and
     # net(x) are two code paths: equal to rounding, not bit for bit on every CPU. The rounded
     # terms on the way to E: each layer's dot product (width + bias) down the net, the
     # log-sum-exp over the classes and the batch sum.
