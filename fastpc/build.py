@@ -24,6 +24,7 @@ from .config import Config
 from .errors import UserError
 from .learners import Learner, make_learner
 from .nets import PCNet, mlp, resnet, vgg
+from .optim import MQ
 
 __all__ = ["seed_everything", "resolve_device", "allocating", "build_net", "build_net_for", "build_optimizer",
            "COMPILE_AUTO_STEPS", "resolve_compile", "build_learner", "lr_factor", "make_run_loaders",
@@ -92,6 +93,8 @@ def build_optimizer(cfg: Config, net: PCNet) -> torch.optim.Optimizer:
     """The weight optimizer of ``cfg.optim`` over ``net``'s parameters (Adam/AdamW fused where
     the device and dtype have the fused kernel)."""
     o = cfg.optim
+    if o.name == "mq":
+        return MQ(net, lr=o.lr, rho_max=0.9999 if cfg.model.arch == "mlp" else 0.999)
     if o.name == "sgd":
         return torch.optim.SGD(net.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                weight_decay=o.weight_decay)

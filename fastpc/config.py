@@ -190,8 +190,8 @@ class LearnerConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "adam", "sgd"] = "adamw"
-    """Weight optimizer: adamw, adam or sgd."""
+    name: Literal["adamw", "adam", "sgd", "mq"] = "adamw"
+    """Weight optimizer: adamw, adam, sgd or mq (fastpc.optim.MQ; lr is its α; ρ cap as the paper's)."""
     lr: float = 2e-3
     """Peak learning rate."""
     weight_decay: float = 0.0

@@ -225,3 +225,18 @@ def test_conv_net_gets_one_group_per_layer_and_learns(name):
         learner.step(x, y)
     assert nn.functional.cross_entropy(net(x), y).item() < 0.5 * first
     assert len(opt.state_dict()["state"]) == len(layers)
+
+
+def test_mq_from_the_config():
+    """optim.name: mq builds MQ with one group per layer; ρ cap 0.9999 (mlp) or 0.999 (conv)."""
+    import fastpc as fpc
+    from fastpc.build import build_optimizer
+    from fastpc.config import load_config
+
+    cfg = load_config(None, ["optim.name=mq", "optim.lr=3e-5"])
+    opt = build_optimizer(cfg, fpc.mlp([12, 8, 4]))
+    assert isinstance(opt, MQ) and len(opt.param_groups) == 2
+    assert opt.defaults["lr"] == 3e-5 and opt.defaults["rho_max"] == 0.9999
+    cfg = load_config(None, ["optim.name=mq", "model.arch=vgg", "model.name=vgg5"])
+    conv = fpc.vgg("vgg5", in_channels=1, image_size=16, width_mult=0.0625)
+    assert build_optimizer(cfg, conv).defaults["rho_max"] == 0.999
