@@ -7,7 +7,8 @@ For a batch input s (shape (B, ...)) and an output cotangent g (shaped like f(s)
 - ``vjp(tape, g)``: ∂⟨g, f(s)⟩/∂s;
 - ``weight_grads(tape, g, scale)``: adds scale · ∂⟨g, f(s)⟩/∂θ into each parameter's ``.grad``,
   as ``f(s).backward(scale · g)`` would;
-- ``vjp_and_weight_grads(tape, g, scale)``: both, in one pass;
+- ``vjp_and_weight_grads(tape, g, scale)``: both, in one pass; ``vjp_into(tape, g, out, acc,
+  alpha)``: out = acc + alpha · vjp(tape, g), one ``addmm`` for a dense block;
 - ``flops(s_shape)``: the multiply-add FLOPs of each (2·m·k·n a GEMM), or None when unknown.
 
 :func:`block_ops` picks the implementation: :class:`AnalyticOps` when the block is a
@@ -17,13 +18,12 @@ Tanh, Sigmoid, SiLU, LeakyReLU (exact types: a subclass may change ``forward``).
 is the ATen kernel autograd itself would call (``convolution_backward`` with an output mask,
 ``max_pool2d_with_indices_backward``, ``threshold_backward``, ...), with no autograd graph.
 Any other block (a residual ``BasicBlock``, batch norm, dropout, a user module) gets
-:class:`AutogradOps`, which computes the same quantities with ``torch.autograd.grad``.
-A Linear with at most 16 outputs that ends its block (a classifier head) computes its product
+:class:`AutogradOps`, which computes the same quantities with ``torch.autograd.grad``. A Linear
+with at most 16 outputs that ends its block (a classifier head) computes its product
 transposed, (W sᵀ + b)ᵀ, and hands out that transposed view.
 
-Batch norm: a block in train mode updates its running statistics on every forward. Callers
-wrap inference and the local weight update in :func:`fastpc.nets.frozen_batchnorm_stats`, so
-only the feedforward pass that initialises the states counts as a batch.
+Batch norm: a block in train mode updates its running statistics on every forward; callers
+wrap inference and the local weight update in :func:`fastpc.nets.frozen_batchnorm_stats`.
 
 The pre-activation split (EP's mod-PGD): :func:`preactivation_split` returns (the block without
 its final activation, the activation) for a ``Sequential`` ending in one of :data:`ACTIVATIONS`
@@ -96,9 +96,8 @@ class BlockFlops:
 def _accumulate(p: torch.Tensor, grad: torch.Tensor, scale: Scale, fresh: bool = True) -> None:
     """p.grad += scale · grad (p.grad = scale · grad when None). ``fresh``: ``grad`` is a new
     tensor nobody else holds, so it may become ``p.grad`` or be scaled in place."""
-    one = not isinstance(scale, torch.Tensor) and scale == 1.0
     if p.grad is None:
-        if one:
+        if not isinstance(scale, torch.Tensor) and scale == 1.0:
             p.grad = grad if fresh else grad.clone()
         else:
             p.grad = grad.mul_(scale) if fresh else grad.mul(scale)
@@ -136,6 +135,12 @@ class BlockOps(abc.ABC):
         """∂⟨g, f(s)⟩/∂s, shaped like s."""
         return self.backward(tape, g, True, None)
 
+    def vjp_into(self, tape: Tape, g: torch.Tensor, out: torch.Tensor, acc: torch.Tensor | None = None,
+                 alpha: float = 1.0) -> torch.Tensor:
+        """``out = acc + alpha · vjp(tape, g)`` (``acc=None``: zero); returns ``out``."""
+        v = self.vjp(tape, g)
+        return torch.mul(v, alpha, out=out) if acc is None else torch.add(acc, v, alpha=alpha, out=out)
+
     def weight_grads(self, tape: Tape, g: torch.Tensor, scale: Scale = 1.0) -> None:
         """Add scale · ∂⟨g, f(s)⟩/∂θ into ``θ.grad``, as ``f(s).backward(scale · g)`` would."""
         self.backward(tape, g, False, scale)
@@ -149,7 +154,6 @@ class BlockOps(abc.ABC):
 
 Act = Callable[[torch.Tensor], torch.Tensor]
 ActGrad = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (g, a, σ(a)) -> g ⊙ σ'(a)
-
 # oneDNN's gelu primitives cost ~10 (forward) / ~20 µs (backward) to set up per call, so small
 # tensors run ATen's own kernels (oneDNN off for the call); float64 never uses oneDNN.
 _NATIVE_FWD_MAX, _NATIVE_BWD_MAX = 16384, 32768
@@ -233,10 +237,7 @@ class _Flatten(_Op):
         return g.reshape(x.shape) if need_input else None
 
 
-# a Linear with at most this many outputs that ends its block (a classifier head) computes its
-# product transposed: MKL's GEMM with 10 output columns is ~2.5x slower than with 10 rows (the
-# output is then a transposed view; a hidden block's states stay contiguous)
-_NARROW = 16
+_NARROW = 16  # a head this narrow computes (W xᵀ + b)ᵀ: a GEMM with 10 output columns is slow
 
 
 @final
@@ -244,19 +245,22 @@ class _Linear(_Op):
     has_params = True
 
     def __init__(self, m: nn.Linear):
-        self.m = m
+        self.m, self.w, self.b = m, m.weight, m.bias
         self.transposed = False  # set by block_ops for a narrow Linear that ends its block
 
     def forward(self, x):
-        w, b = self.m.weight, self.m.bias
-        if self.transposed and x.dim() == 2:  # (W xᵀ + b)ᵀ, a transposed (B, out) view
+        w, b = self.w, self.b
+        if x.dim() != 2:
+            return F.linear(x, w, b), None
+        if self.transposed:  # (W xᵀ + b)ᵀ, a transposed (B, out) view
             return (torch.mm(w, x.t()) if b is None else torch.addmm(b.unsqueeze(1), w, x.t())).t(), None
-        return F.linear(x, w, b), None
+        return (torch.mm(x, w.t()) if b is None else torch.addmm(b, x, w.t())), None  # F.linear's GEMM
 
     def backward(self, g, x, y, aux, need_input, scale):
-        w, b = self.m.weight, self.m.bias
+        w, b = self.w, self.b
+        flat = g.dim() == 2
         if scale is not None:
-            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # (M, out), (M, in)
+            g2, x2 = (g, x) if flat else (g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))  # (M, out), (M, in)
             if w.requires_grad:
                 if isinstance(scale, torch.Tensor):
                     _accumulate(w, torch.mm(g2.t(), x2), scale)
@@ -266,7 +270,7 @@ class _Linear(_Op):
                     w.grad.addmm_(g2.t(), x2, alpha=scale)
             if b is not None and b.requires_grad:
                 _accumulate(b, g2.sum(0), scale)
-        return torch.matmul(g, w) if need_input else None
+        return None if not need_input else torch.mm(g, w) if flat else torch.matmul(g, w)
 
     def flops(self, shape):
         m = math.prod(shape[:-1])
@@ -278,15 +282,15 @@ class _Conv2d(_Op):
     has_params = True
 
     def __init__(self, m: nn.Conv2d):
-        self.m = m
+        self.m, self.w, self.b = m, m.weight, m.bias
         self.args = (list(m.stride), list(m.padding), list(m.dilation), False, [0, 0], m.groups)
 
     def forward(self, x):
         m = self.m
-        return F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups), None
+        return F.conv2d(x, self.w, self.b, m.stride, m.padding, m.dilation, m.groups), None
 
     def backward(self, g, x, y, aux, need_input, scale):
-        w, b = self.m.weight, self.m.bias
+        w, b = self.w, self.b
         mask = [need_input, scale is not None and w.requires_grad,
                 scale is not None and b is not None and b.requires_grad]
         if not any(mask):
@@ -364,10 +368,25 @@ def _op(m: nn.Module, plain: bool) -> _Op | None:
     return None if pair is None else _Activation(*pair)
 
 
+def _no_grad(fn: Callable) -> Callable:
+    """``fn`` under ``torch.no_grad`` (entered only when grad mode is on: callers in
+    inference already run without it, and entering the context costs more than the check)."""
+
+    def call(*args):
+        if not torch.is_grad_enabled():
+            return fn(*args)
+        with torch.no_grad():
+            return fn(*args)
+
+    return call
+
+
 @final
 class AnalyticOps(BlockOps):
     """Block ops written out with ATen's forward and backward kernels, no autograd graph;
-    made by :func:`block_ops` (``plain=True``: traceable by ``torch.compile`` in one graph)."""
+    made by :func:`block_ops` (``plain=True``: traceable by ``torch.compile`` in one graph).
+    They hold the block's parameter tensors as they were when made: make new ops after
+    replacing a parameter object (updating one in place is fine)."""
 
     def __init__(self, block: nn.Module, ops: list[_Op], act: nn.Module | None):
         super().__init__(block, nn.Identity() if act is None else act)
@@ -375,9 +394,20 @@ class AnalyticOps(BlockOps):
         # the pre-activation is the last op's input when the block ends in a real activation
         self._pre_index = -2 if act is not None and type(act) is not nn.Identity else -1
         self._first_param = next((k for k, op in enumerate(self._ops) if op.has_params), None)
+        # [Flatten] Linear [activation], an MLP block: written out without the loop over ops
+        kinds, ops = [type(op) for op in ops], self._ops
+        f = kinds[:1] == [_Flatten]
+        dense = kinds[f:f + 1] == [_Linear] and kinds[f + 1:] in ([], [_Activation])
+        self._dense = (ops[0].end_dim if f else None, ops[f], ops[-1] if kinds[-1] is _Activation else None) \
+            if dense else None
 
-    @torch.no_grad()
+    @_no_grad
     def forward(self, s: torch.Tensor) -> Tape:
+        if self._dense is not None:
+            end, lin, act = self._dense
+            x = s if end is None else s.flatten(1, end)
+            a = lin.forward(x)[0]
+            return Tape(s, a if act is None else act.fn(a), a, (x,))
         xs, aux = [s], []
         for op in self._ops:
             y, a = op.forward(xs[-1])
@@ -385,8 +415,13 @@ class AnalyticOps(BlockOps):
             aux.append(a)
         return Tape(s, xs[-1], xs[self._pre_index], (tuple(xs), tuple(aux)))
 
-    @torch.no_grad()
+    @_no_grad
     def backward(self, tape: Tape, g: torch.Tensor, input_grad: bool, scale: Scale | None) -> torch.Tensor | None:
+        if self._dense is not None:
+            end, lin, act = self._dense
+            h = g if act is None else act.grad(g, tape.pre, tape.out)
+            gx = lin.backward(h, tape.saved[0], None, None, input_grad, scale)
+            return gx if gx is None or end is None else gx.reshape(tape.s.shape)
         # back through the ops; without input_grad, stop at the first weighted op
         if input_grad:
             stop = 0
@@ -398,6 +433,16 @@ class AnalyticOps(BlockOps):
         for k in range(len(self._ops) - 1, stop - 1, -1):
             g = self._ops[k].backward(g, xs[k], xs[k + 1], aux[k], input_grad or k > stop, scale)
         return g
+
+    @_no_grad
+    def vjp_into(self, tape: Tape, g: torch.Tensor, out: torch.Tensor, acc: torch.Tensor | None = None,
+                 alpha: float = 1.0) -> torch.Tensor:
+        if self._dense is None or self._dense[0] is not None:
+            return super().vjp_into(tape, g, out, acc, alpha)
+        _, lin, act = self._dense
+        h = g if act is None else act.grad(g, tape.pre, tape.out)
+        # acc None: beta=0, out only gives the shape (its values are ignored)
+        return torch.addmm(out if acc is None else acc, h, lin.w, beta=0 if acc is None else 1, alpha=alpha, out=out)
 
     def flops(self, s_shape: torch.Size | tuple[int, ...]) -> BlockFlops:
         shape, total, first = torch.Size(s_shape), 0, 0

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Stack", "Relaxation", "Descent", "minimize", "BRANCH_ON_CPU"]
+__all__ = ["Stack", "Relaxation", "Descent", "Workspace", "minimize", "BRANCH_ON_CPU"]
 
 BRANCH_ON_CPU = True  # False: the sync-free torch.where line search on the CPU too (tests use it)
 
@@ -47,9 +47,8 @@ class Stack:
         self.offsets = [0]
         for n in sizes:
             self.offsets.append(self.offsets[-1] + n)
-        new = like.new_zeros if zero else like.new_empty
-        self.flat = new(self.offsets[-1])
-        self.views = [self.flat[o:o + n].view(s) for o, n, s in zip(self.offsets, sizes, self.shapes)]
+        self.flat = (like.new_zeros if zero else like.new_empty)(self.offsets[-1])
+        self.views = [t.view(s) for t, s in zip(self.flat.split_with_sizes(sizes), self.shapes)]
 
     @classmethod
     def of(cls, tensors: Sequence[torch.Tensor], like: torch.Tensor, whole: bool = False) -> "Stack":
@@ -91,6 +90,7 @@ class Relaxation(abc.ABC):
 
     v: Stack
     whole: bool = False
+    sparse_grad: bool = True  # grad may return start > 0 (False: it writes the whole buffer)
 
     @abc.abstractmethod
     def forward(self) -> None:
@@ -140,16 +140,44 @@ class Descent:
 AfterStep = Callable[[int], "bool | None"]
 
 
+class Workspace:
+    """Buffers kept from one inference to the next (a fresh large CPU buffer costs a page fault
+    per page on first touch, every step). ``busy`` while :func:`minimize` runs: an inference
+    nested in its callback (and its relaxation) must make its own."""
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._stacks: dict[str, Stack] = {}
+        self.busy = False
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised buffer shaped like ``like``, the same object while that fits."""
+        b = self._bufs.get(name)
+        if b is None or b.shape != like.shape or b.dtype != like.dtype or b.device != like.device:
+            b = self._bufs[name] = torch.empty_like(like)
+        return b
+
+    def stack(self, name: str, shapes: Sequence[torch.Size], like: torch.Tensor, zero: bool = False) -> Stack:
+        """An uninitialised (``zero``: zeroed) stack of these shapes (dtype and device of
+        ``like``), the same object while that fits (its views made once)."""
+        st = self._stacks.get(name)
+        if st is None or st.shapes != list(shapes) or st.flat.dtype != like.dtype or st.flat.device != like.device:
+            st = self._stacks[name] = Stack(shapes, like)
+        if zero:
+            st.flat.zero_()
+        return st
+
+
 class _Adam:
     """Adam on the states (β = 0.9, 0.999, ε = 1e-8), over a tail of the flat buffers."""
 
-    def __init__(self, flat: torch.Tensor):
-        self.m, self.sq, self.t = torch.zeros_like(flat), torch.zeros_like(flat), 0
+    def __init__(self, m: torch.Tensor, sq: torch.Tensor):
+        self.m, self.sq, self.t = m.zero_(), sq.zero_(), 0
 
     def direction(self, g: torch.Tensor, lo: int) -> torch.Tensor:
         b1, b2 = 0.9, 0.999
         self.t += 1
-        m, sq = self.m[lo:], self.sq[lo:]
+        m, sq = _tail(self.m, lo), _tail(self.sq, lo)
         m.lerp_(g, 1 - b1)
         sq.mul_(b2).addcmul_(g, g, value=1 - b2)
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
@@ -163,23 +191,50 @@ def minimize(
     trace: bool = False,
     after_step: AfterStep | None = None,
     sync_free: bool = False,
+    workspace: Workspace | None = None,
 ) -> tuple[list[torch.Tensor] | None, int]:
     """Run ``opts.iters`` descent steps on ``problem`` (in place on ``problem.v``).
 
     ``after_step(t)`` runs after step t (1-based) with the problem forwarded at the new
     variables; returning True stops. ``sync_free``: never branch on a tensor's value (the
-    line search selects with ``torch.where``; what torch.compile traces).
+    line search selects with ``torch.where``; what torch.compile traces). ``workspace``: where
+    the scratch buffers come from (default: new ones).
     Returns (per-layer energies before every step, or None without ``trace``; steps run). The
     problem is left forwarded at the final (accepted) variables."""
+    if workspace is not None and workspace.busy:
+        workspace = None
+    if workspace is None:
+        return _minimize(problem, opts, trace, after_step, sync_free, None)
+    workspace.busy = True
+    try:
+        return _minimize(problem, opts, trace, after_step, sync_free, workspace)
+    finally:
+        workspace.busy = False
+
+
+def _tail(t: torch.Tensor, lo: int) -> torch.Tensor:
+    return t if lo == 0 else t[lo:]
+
+
+def _minimize(problem, opts, trace, after_step, sync_free, workspace):
     v = problem.v
     flat, whole = v.flat, problem.whole
-    g, g_prev = v.like(zero=True), v.like(zero=True)
-    vel = torch.zeros_like(flat) if opts.momentum > 0 and opts.optimizer == "sgd" else None
-    adam = _Adam(flat) if opts.optimizer == "adam" else None
+
+    def stack(name: str, zero: bool = False) -> Stack:
+        return v.like(zero) if workspace is None else workspace.stack(name, v.shapes, flat, zero)
+
     ls = opts.safeguard
+    # eager steps read g from its start on only, which grad has just written; a restore of the
+    # line search reads g_prev below that, where it must hold zeros
+    g = stack("g", ls and problem.sparse_grad and not whole)
+    vel = adam = None
+    if opts.optimizer == "adam":
+        adam = _Adam(*(torch.zeros_like(flat) if workspace is None else workspace.get(n, flat) for n in ("m", "sq")))
+    elif opts.momentum > 0:
+        vel = torch.zeros_like(flat) if workspace is None else workspace.get("vel", flat).zero_()
     if ls:
         step = torch.tensor(opts.lr, dtype=flat.dtype, device=flat.device)
-        prev_v = v.like()
+        prev_v, g_prev = stack("prev_v"), stack("g_prev", problem.sparse_grad and not whole)
         tol, tiny = 8 * torch.finfo(flat.dtype).eps, torch.finfo(flat.dtype).tiny
         fit, armijo = min(1.0, 1.8 * (1 - opts.armijo)), opts.armijo
         branch = BRANCH_ON_CPU and flat.device.type == "cpu" and not sync_free
@@ -197,13 +252,13 @@ def minimize(
             rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
             if not branch or bool(rose):
                 if branch:
-                    flat[saved:].copy_(prev_v.flat[saved:])
-                    g.flat[lo:].copy_(g_prev.flat[lo:])
+                    _tail(flat, saved).copy_(_tail(prev_v.flat, saved))
+                    _tail(g.flat, lo).copy_(_tail(g_prev.flat, lo))
                     if vel is not None:  # a rejected step restarts the momentum
                         vel.zero_()
                 else:
-                    torch.where(rose, prev_v.flat[saved:], flat[saved:], out=flat[saved:])
-                    torch.where(rose, g_prev.flat[lo:], g.flat[lo:], out=g.flat[lo:])
+                    torch.where(rose, _tail(prev_v.flat, saved), _tail(flat, saved), out=_tail(flat, saved))
+                    torch.where(rose, _tail(g_prev.flat, lo), _tail(g.flat, lo), out=_tail(g.flat, lo))
                     if vel is not None:
                         vel.mul_((~rose).to(flat.dtype))
                 # quadratic φ(a) = E_old − a·pred + ½κa² through E_new at a = step
@@ -214,23 +269,23 @@ def minimize(
                 if parts is not None:
                     parts = torch.where(rose, prev_parts, parts)
         if ls:
-            prev_v.flat[lo:].copy_(flat[lo:])
+            _tail(prev_v.flat, lo).copy_(_tail(flat, lo))
             saved, prev_e, prev_parts = lo, e, parts
         if traces is not None:
             traces.append(parts)
-        gt = g.flat[lo:]
+        gt = _tail(g.flat, lo)
         if adam is not None:
             u = adam.direction(gt, lo)
         elif vel is not None:
-            u = vel[lo:].mul_(opts.momentum).add_(gt)
+            u = _tail(vel, lo).mul_(opts.momentum).add_(gt)
         else:
             u = gt
         if ls:
             pred = torch.dot(gt, u)
-            flat[lo:].sub_(u * step)
+            _tail(flat, lo).addcmul_(u, step, value=-1.0)
             g, g_prev = g_prev, g
         else:
-            flat[lo:].add_(u, alpha=-opts.lr)
+            _tail(flat, lo).add_(u, alpha=-opts.lr)
         problem.moved(start)
         t_run = t + 1
         if after_step is not None:
@@ -241,7 +296,7 @@ def minimize(
         problem.forward()
         rose = problem.energy() > prev_e - armijo * step * pred + tol * prev_e.abs()
         if not branch or bool(rose):
-            torch.where(rose, prev_v.flat[saved:], flat[saved:], out=flat[saved:])
+            torch.where(rose, _tail(prev_v.flat, saved), _tail(flat, saved), out=_tail(flat, saved))
             problem.moved(start)
     problem.forward()
     return traces, t_run

@@ -14,13 +14,15 @@ class _EPCRelaxation(ChainRelaxation):
     perturbed forward pass s_1 = f_1(x) + ε_1, s_i = f_i(s_{i-1}) + ε_i (f_1(x) from the FF
     pass), and ∇_{ε_i}E = ε_i + (∂ŷ/∂s_i)ᵀ ∂ℓ/∂ŷ comes from one backward pass through it."""
 
+    sparse_grad = False
+
     def __init__(self, chain: Chain, errs0: list[torch.Tensor] | None, target, loss, whole: bool):
         super().__init__(chain, target, loss, whole)
+        self.v = chain.stack("v", chain.state_shapes(), zero=errs0 is None)
         if errs0 is None:  # the FF state: zero errors, the FF pass is the first forward
-            self.v = Stack([t.out.shape for t in chain.tapes[:-1]], chain.x, zero=True)
             self.s = [t.out for t in chain.tapes[:-1]]
         else:
-            self.v = Stack.of(errs0, chain.x, whole)
+            self.v.assign(errs0, whole)
             self.s = [None] * (self.L - 1)
         self.err, self.dirty = self.v, errs0 is not None and self.L > 1
 

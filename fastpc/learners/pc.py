@@ -20,11 +20,13 @@ A learner adds its energy's variables and gradient (a :class:`ChainRelaxation` s
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 import warnings
 from typing import Any, NamedTuple
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import energy as E
 from ..blocks import AnalyticOps, AutogradOps, BlockOps, Tape, block_ops
@@ -32,7 +34,7 @@ from ..init import ForwardInit
 from ..nets import frozen_batchnorm_stats
 from . import compiled
 from .base import Equilibrium, Learner, StepResult, check_option
-from .descent import AfterStep, Descent, Relaxation, Stack, minimize
+from .descent import AfterStep, Descent, Relaxation, Stack, Workspace, minimize
 
 __all__ = ["NetOps", "Chain", "ChainRelaxation", "PCLearner", "StepCore"]
 
@@ -46,7 +48,9 @@ class NetOps:
                                                for b in blocks)
         self.block_ids = tuple(id(b) for b in blocks)
         self.analytic = all(isinstance(o, AnalyticOps) for o in self.ops)
-        self.params = [p for b in blocks for p in b.parameters()]
+        self.block_params = [list(b.parameters()) for b in blocks]
+        self.params = [p for ps in self.block_params for p in ps]
+        self.has_batchnorm = any(isinstance(m, _BatchNorm) for b in blocks for m in b.modules())
         self._flops: dict[tuple, list | None] = {}
 
     def fallbacks(self) -> list[str]:
@@ -71,10 +75,10 @@ class Chain:
     """One batch on a net's ops: block k maps s_k to f_k(s_k) (s_0 = x); ``tapes[k]`` is its
     latest forward; ``calls`` counts forward / vjp / weight-grad calls per block."""
 
-    __slots__ = ("ops", "x", "tapes", "calls")
+    __slots__ = ("netops", "ops", "x", "tapes", "calls", "workspace")
 
-    def __init__(self, netops: NetOps, x: torch.Tensor):
-        self.ops, self.x = netops.ops, x
+    def __init__(self, netops: NetOps, x: torch.Tensor, workspace: Workspace | None = None):
+        self.netops, self.ops, self.x, self.workspace = netops, netops.ops, x, workspace
         self.tapes: list[Tape] = [None] * len(self.ops)  # type: ignore[list-item]
         self.calls = [0] * (3 * len(self.ops))
 
@@ -86,6 +90,10 @@ class Chain:
     def vjp(self, k: int, g: torch.Tensor) -> torch.Tensor:
         self.calls[3 * k + 1] += 1
         return self.ops[k].vjp(self.tapes[k], g)
+
+    def vjp_into(self, k: int, g: torch.Tensor, out: torch.Tensor, acc: torch.Tensor | None, alpha: float) -> None:
+        self.calls[3 * k + 1] += 1
+        self.ops[k].vjp_into(self.tapes[k], g, out, acc, alpha)
 
     def weight_grads(self, k: int, g: torch.Tensor, scale: float) -> None:
         self.calls[3 * k + 2] += 1
@@ -101,10 +109,21 @@ class Chain:
     def in_shapes(self) -> list[torch.Size]:
         return [t.s.shape for t in self.tapes]
 
+    def stack(self, name: str, shapes: list[torch.Size], zero: bool = False) -> Stack:
+        """A stack for a relaxation's variables or errors: the workspace's unless it is busy."""
+        ws = self.workspace
+        if ws is None or ws.busy:
+            return Stack(shapes, self.x, zero)
+        return ws.stack(name, shapes, self.x, zero)
 
-def _zero_grads(block: torch.nn.Module) -> None:
+    def state_shapes(self) -> list[torch.Size]:
+        """Shapes of s_1 .. s_{L-1} (after the FF pass)."""
+        return [t.out.shape for t in self.tapes[:-1]]
+
+
+def _zero_grads(params: list[torch.Tensor]) -> None:
     """The gradient of a block whose error is exactly zero: zeros (autograd's), no product."""
-    for p in block.parameters():
+    for p in params:
         if p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
 
@@ -144,10 +163,11 @@ class ChainRelaxation(Relaxation):
         return self._cost
 
     def out_grad(self) -> torch.Tensor:
-        """∂ℓ/∂ŷ: exp(log-softmax) − t for ce, ŷ − t for mse."""
+        """∂ℓ/∂ŷ: softmax − t for ce (exp of the log-softmax when :meth:`energy` made one at
+        this output), ŷ − t for mse."""
         if self._dout is None:
-            if self.loss == "ce":
-                self._dout = self._log_softmax().exp().sub_(self.target)
+            if self.loss == "ce" and self._lsm is not None:
+                self._dout = self._lsm.exp().sub_(self.target)
             else:
                 self._dout = E.output_cost_grad(self.output, self.target, self.loss)
         return self._dout
@@ -157,10 +177,16 @@ class ChainRelaxation(Relaxation):
         return torch.dot(tail, tail).mul_(0.5).add_(self.cost())
 
     def parts(self) -> torch.Tensor:
+        # the cost as energy() left it, else computed aside (a trace does not change out_grad)
+        cost = self._cost if self._cost is not None else E.output_cost(self.output, self.target, self.loss)
         zero = self.output.new_zeros(())
         hidden = [torch.dot(e.view(-1), e.view(-1)) if i + 1 >= self.nz else zero
                   for i, e in enumerate(self.err.views)]
-        return torch.stack([*hidden, self.cost() * 2.0]).mul_(0.5)
+        return torch.stack([*hidden, cost * 2.0]).mul_(0.5)
+
+    def final_states(self) -> list[torch.Tensor]:
+        """The states to hand out: tensors no later inference writes into."""
+        return self.states()
 
     def weight_grads(self, scale: float) -> None:
         """Add scale × ∇_θ E_local into ``p.grad`` (PAPERS.md §0) from the tapes at the current
@@ -169,7 +195,7 @@ class ChainRelaxation(Relaxation):
         chain = self.chain
         for k in range(self.L - 1):
             if k + 1 < self.nz:
-                _zero_grads(chain.ops[k].block)
+                _zero_grads(chain.netops.block_params[k])
             else:
                 chain.weight_grads(k, self.err.views[k], -scale)
         chain.weight_grads(self.L - 1, self.out_grad(), scale)
@@ -224,6 +250,7 @@ class PCLearner(Learner):
         self._compiled: tuple | None = None  # (key, compiled core, its NetOps)
         self._compiled_batch: int | None = None
         self._out_shapes: dict[torch.Size, torch.Size] = {}
+        self._workspace = Workspace()  # inference's scratch buffers, reused from batch to batch
         if fast is True and (why := self.fast_unsupported()) is not None:
             raise ValueError(f"fast=True but {why}; use fast='auto' to run those blocks on the autograd fallback")
 
@@ -246,6 +273,11 @@ class PCLearner(Learner):
         if ops is None or ops.block_ids != tuple(id(b) for b in self.net.blocks):
             ops = self._ops[plain] = NetOps(self.net.blocks, self.fast, plain)
         return ops
+
+    def _frozen(self, netops: NetOps) -> contextlib.AbstractContextManager:
+        """``frozen_batchnorm_stats`` around inference and the weight update (nothing to freeze
+        in a net without batch norm)."""
+        return frozen_batchnorm_stats(self.net) if netops.has_batchnorm else contextlib.nullcontext()
 
     def fast_unsupported(self) -> str | None:
         """Why not every block runs on analytic ops (None: every block does)."""
@@ -273,7 +305,7 @@ class PCLearner(Learner):
     # ---- the eager step ---------------------------------------------------------------------
     def _feedforward(self, x):
         self._check_input(x)
-        chain = Chain(self._netops(), x)
+        chain = Chain(self._netops(), x, self._workspace)
         with torch.no_grad():
             states, out = self._fitting(x, lambda x: chain.feedforward())
         self._chain, self._last = chain, None
@@ -289,17 +321,18 @@ class PCLearner(Learner):
         if chain is None or chain.x is not x:  # states given by a caller: a fresh FF pass
             ff_states, out = self._feedforward(x)
             chain = self._chain
-        states0 = self.init(ff_states, x, y)
-        with frozen_batchnorm_stats(self.net), torch.no_grad():
-            problem = self._problem(chain, states0, E.dense_target(y, out), type(self.init) is ForwardInit, False)
+        from_ff = type(self.init) is ForwardInit  # its states are the FF states: no copy to make here
+        states0 = ff_states if from_ff else self.init(ff_states, x, y)
+        with self._frozen(chain.netops), torch.no_grad():
+            problem = self._problem(chain, states0, E.dense_target(y, out), from_ff, False)
             traces, iters = None, 0
             if states0:
                 hook: AfterStep | None = None if after_step is None else (lambda t: after_step(problem, t))
-                traces, iters = minimize(problem, self.descent, trace, hook)
+                traces, iters = minimize(problem, self.descent, trace, hook, workspace=self._workspace)
             problem.forward()
             final = problem.parts()
         layer_trace = torch.stack([*(traces or []), final]) if trace else None
-        eq = Equilibrium(states=problem.states(), output=problem.output, energy=final.sum(), iters=iters,
+        eq = Equilibrium(states=problem.final_states(), output=problem.output, energy=final.sum(), iters=iters,
                          trace=None if layer_trace is None else layer_trace.sum(1), layer_trace=layer_trace)
         self._last = (eq, problem)
         return eq
@@ -308,9 +341,10 @@ class PCLearner(Learner):
         if self._last is None or self._last[0] is not eq:
             return super()._weight_grads(x, y, eq)
         problem = self._last[1]
-        with frozen_batchnorm_stats(self.net), torch.no_grad():
+        chain = problem.chain
+        with self._frozen(chain.netops), torch.no_grad():
             problem.weight_grads(self._weight_scale(y.shape[0]))
-        self.last_flops = self._netops().flops(problem.chain.calls, problem.chain.in_shapes())
+        self.last_flops = chain.netops.flops(chain.calls, chain.in_shapes())
         self._chain = self._last = None
 
     def _output_cost(self, out, y):

@@ -20,10 +20,12 @@ class _SPCRelaxation(ChainRelaxation):
 
     def __init__(self, chain: Chain, states0, target, loss, from_ff: bool, whole: bool):
         super().__init__(chain, target, loss, whole)
-        self.v = Stack.of(states0, chain.x, whole)
-        self.err = self.v.like(zero=True)
+        shapes = chain.state_shapes()
+        self.v = chain.stack("v", shapes)
+        self.v.assign(states0, whole)
+        self.err = chain.stack("err", shapes)  # ε_i is read from layer nz on only
         self.nz = self.L
-        self.stale = self.L if from_ff else 1
+        self.from_ff, self.stale = from_ff, (self.L if from_ff else 1)
 
     def moved(self, start: int) -> None:
         self.stale = min(self.stale, self.v.index(start) + 1)  # views[i] is s_{i+1}, block i+1's input
@@ -55,22 +57,26 @@ class _SPCRelaxation(ChainRelaxation):
         lo = max(1, min(nz - 1, L - 1))  # the first hidden layer with a non-zero gradient
         parts: list[torch.Tensor | None] = [None] * (L - 1)
         for i in range(L - 1, lo - 1, -1):  # hidden layer i: views index i - 1
-            if i == L - 1:
-                gv, sign = chain.vjp(i, self.out_grad()), 1.0
-            else:
-                gv, sign = chain.vjp(i, eps[i]), -1.0  # J_{i+1}ᵀ ε_{i+1}
+            g, sign = (self.out_grad(), 1.0) if i == L - 1 else (eps[i], -1.0)  # ε_{i+1} = eps[i]
+            acc = None if i < nz else eps[i - 1]  # ε_i, exactly zero below nz
             if self.whole:
-                parts[i - 1] = gv * sign if i < nz else eps[i - 1] + gv * sign
-            elif i < nz:  # ε_i is exactly zero
-                torch.mul(gv, sign, out=out.views[i - 1])
+                gv = chain.vjp(i, g) * sign
+                parts[i - 1] = gv if acc is None else acc + gv
             else:
-                torch.add(eps[i - 1], gv, alpha=sign, out=out.views[i - 1])
+                chain.vjp_into(i, g, out.views[i - 1], acc, sign)
         if self.whole:
             out.assign(parts, True)
         return out.offsets[lo - 1]
 
     def states(self) -> list[torch.Tensor]:
         return list(self.v.views)
+
+    def final_states(self) -> list[torch.Tensor]:
+        # a state below nz never moved from the FF state: its tensor from the FF pass
+        if self.whole:
+            return self.states()
+        return [self.chain.tapes[i].out if self.from_ff and i + 1 < self.nz else s.clone()
+                for i, s in enumerate(self.v.views)]
 
 
 @register_learner("spc")
