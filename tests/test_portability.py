@@ -40,6 +40,12 @@ MKL_BRANCH = {"default": "COMPATIBLE", "avx2": "AVX2"}
 def test_numeric_tests_pass_under_another_kernel_family(family):
     here = Path(__file__).parent
     env = dict(os.environ, ATEN_CPU_CAPABILITY=family, MKL_CBWR=MKL_BRANCH[family], **{FAMILY_ENV: family})
+    # inductor writes its (default) cache folder into os.environ once this process compiled:
+    # the child must not inherit it, or it shares the AVX-512 kernels' cache (see
+    # fastpc.learners.compiled: torch leaves the vector ISA out of its cache key)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"aten-{family}")
     child = subprocess.run(
         [sys.executable, "-c", "import torch, sys; print(torch.backends.cpu.get_cpu_capability())"],
         env=env, capture_output=True, text=True, timeout=120)
