@@ -16,6 +16,7 @@ the batch size where they report a mean.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -72,7 +73,7 @@ def check_target(y: torch.Tensor, out_shape: Sequence[int], loss: str) -> None:
         raise TypeError(f"y must be int64 class indices or a floating dense target, got dtype {y.dtype}")
     if tuple(y.shape) != tuple(out_shape):
         raise ValueError(f"a dense target y must have the output's shape {tuple(out_shape)}, got {tuple(y.shape)}")
-    if not bool(torch.isfinite(torch.stack(torch.aminmax(y))).all()):
+    if not all(map(math.isfinite, torch.stack(torch.aminmax(y)).tolist())):
         raise ValueError("the dense target y holds NaN or inf")
     if loss == "ce":
         tol = 8 * y.shape[1] * torch.finfo(y.dtype).eps

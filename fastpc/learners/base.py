@@ -23,6 +23,7 @@ Hooks that later algorithms use without reshaping the contract:
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,7 +196,7 @@ class Learner(abc.ABC):
             raise TypeError(f"x must have the net's dtype and device ({p.dtype}, {p.device}), got ({x.dtype}, {x.device})")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
-        if not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):  # NaN propagates; 9x cheaper than isfinite(x).all()
+        if not all(map(math.isfinite, torch.stack(torch.aminmax(x)).tolist())):  # NaN propagates through aminmax
             raise ValueError("x holds NaN or inf")
 
     def _check_target(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -215,7 +216,7 @@ class Learner(abc.ABC):
         ``skipped_updates`` counted; returns whether the optimizer stepped."""
         opt = self.optimizer
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.stack([g.sum() for g in grads]).sum())):  # NaN and ±inf propagate
+        if grads and not math.isfinite(torch.stack([g.sum() for g in grads]).sum().item()):  # NaN and ±inf propagate
             opt.zero_grad(set_to_none=True)
             self.skipped_updates += 1
             return False
