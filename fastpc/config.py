@@ -164,12 +164,12 @@ class LearnerConfig:
 
         _choice("learner.name", self.name, list_learners())
         _choice("learner.init", self.init, list_inits())
-        from .init import init_options
+        from .init import check_init_options
 
-        unknown = sorted(set(self.init_options) - set(init_options(self.init)))
-        if unknown:
-            _fail("learner.init_options", f"state init {self.init!r} has no option(s) {unknown}; "
-                  f"valid options: {init_options(self.init)}")
+        try:
+            check_init_options(self.init, self.init_options)
+        except ValueError as e:
+            _fail("learner.init_options", str(e))
         if self.iters < 0:
             _fail("learner.iters", f"must be >= 0, got {self.iters}")
         if not self.state_lr > 0:

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._registry import registrar
+from ._registry import check_options, options_of, registrar
 
-__all__ = ["StateInit", "register_init", "make_init", "list_inits", "init_options"]
+__all__ = ["StateInit", "register_init", "make_init", "list_inits", "init_options", "check_init_options"]
 
 
 class StateInit(nn.Module, abc.ABC):
@@ -62,11 +62,18 @@ def list_inits() -> list[str]:
 
 def init_options(name: str) -> list[str]:
     """The options initializer ``name`` accepts."""
-    import inspect
+    return list(options_of(_init_class(name)))
 
-    if name not in _REGISTRY:
+
+def _init_class(name: str) -> Callable[..., StateInit]:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown state init {name!r}; expected one of {list_inits()}")
-    return [k for k in inspect.signature(_REGISTRY[name].__init__).parameters if k != "self"]
+    return _REGISTRY[name]
+
+
+def check_init_options(name: str, options: dict[str, Any]) -> None:
+    """``ValueError`` unless initializer ``name`` exists and accepts every key of ``options``."""
+    check_options("state init", name, _init_class(name), options)
 
 
 def make_init(name: str | StateInit, **options: Any) -> StateInit:
@@ -75,12 +82,7 @@ def make_init(name: str | StateInit, **options: Any) -> StateInit:
         if options:
             raise ValueError("init_options apply to an initializer given by name, not to an instance")
         return name
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"unknown state init {name!r}; expected one of {list_inits()}")
-    accepted = init_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"state init {name!r} has no option(s) {unknown}; valid options: {accepted}")
+    check_init_options(name, options)
     return _REGISTRY[name](**options)
 
 

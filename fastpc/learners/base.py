@@ -82,6 +82,9 @@ def check_option(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+_NARROW_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32)  # class indices taken as int64
+
+
 class Learner(abc.ABC):
     """Base class of every learning algorithm. See the module docstring for the contract."""
 
@@ -201,8 +204,7 @@ class Learner(abc.ABC):
 
     def _check_target(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``y`` as the energy takes it (integer class indices as int64), or a clear error."""
-        if isinstance(y, torch.Tensor) and not y.is_floating_point() and y.dtype not in (torch.bool, torch.int64) \
-                and not y.is_complex():
+        if isinstance(y, torch.Tensor) and y.dtype in _NARROW_INTS:
             y = y.long()
         E.check_target(y, out.shape, self.loss)
         if y.device != out.device:

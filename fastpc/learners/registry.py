@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .._registry import registrar
+from .._registry import check_options, options_of, registrar
 from ..nets import PCNet
 from .base import Learner
 
 __all__ = ["register_learner", "make_learner", "list_learners", "learner_class", "learner_options"]
 
 _REGISTRY: dict[str, type[Learner]] = {}
+_NOT_OPTIONS = ("self", "net")
 
 
 def register_learner(name: str) -> Callable[[type[Learner]], type[Learner]]:
@@ -33,16 +33,11 @@ def learner_class(name: str) -> type[Learner]:
 
 def learner_options(name: str) -> dict[str, Any]:
     """The keyword options (with defaults) a learner accepts besides ``net``."""
-    sig = inspect.signature(learner_class(name).__init__)
-    return {k: p.default for k, p in sig.parameters.items() if k not in ("self", "net")}
+    return options_of(learner_class(name), skip=_NOT_OPTIONS)
 
 
 def make_learner(name: str, net: PCNet, **options: Any) -> Learner:
     """Create a registered learner on ``net``; unknown options raise a clear ``ValueError``."""
     cls = learner_class(name)
-    sig = inspect.signature(cls.__init__)
-    unknown = [k for k in options if k not in sig.parameters or k in ("self", "net")]
-    if unknown:
-        valid = [k for k in sig.parameters if k not in ("self", "net")]
-        raise ValueError(f"learner {name!r} has no option(s) {unknown}; valid options: {valid}")
+    check_options("learner", name, cls, options, skip=_NOT_OPTIONS)
     return cls(net, **options)
