@@ -134,6 +134,18 @@ class LearnerConfig:
     """With safeguard: a step must decrease the batch energy by this fraction of the decrease
     its gradient predicts (0: must not rise; 0.99: keeps epc's update aligned with BP);
     null: the learner's default (0.99 for epc, 0 for spc)."""
+    tol: float | None = None
+    """spc/epc: stop inference when ‖∇E‖ / ‖∇E at the start‖ < tol (iters is then the cap);
+    null: run all iters."""
+    schedule: Literal["simultaneous", "sequential"] = "simultaneous"
+    """spc only: simultaneous (every layer steps at once) or sequential (SeqIL: top-down sweeps)."""
+    beta: float | None = None
+    """spc: soft-clamp the target, m = 1/(1+beta) (SeqIL); ep: the nudge strength β;
+    null: the learner's default."""
+    estimator: str | None = None
+    """ep only: centered, positive, negative, random or clamp (null: centered)."""
+    equilibration: str | None = None
+    """ep only: mod_pgd, pgd or gd (null: mod_pgd)."""
     compile: bool | Literal["auto"] = "auto"
     """spc/epc on an MLP with init forward: run each training step (FF pass, inference, local
     update) as one torch.compile graph, for batches of the training batch size. Same maths as
@@ -167,8 +179,17 @@ class LearnerConfig:
         from .learners import learner_options
 
         accepted = learner_options(self.name)
-        mine = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+        fields = [f for f in dataclasses.fields(self) if f.name != "name"]
+        for f in fields:  # an option set away from its default that this learner does not take
+            if f.name in _SPECIFIC and f.name not in accepted and getattr(self, f.name) != f.default:
+                fail(f"learner.{f.name}", f"does not apply to learner {self.name!r} (its options: "
+                     f"{', '.join(sorted(k for k in accepted if k not in ('net', 'optimizer')))})")
+        mine = {f.name: getattr(self, f.name) for f in fields}
         return {k: v for k, v in mine.items() if k in accepted and v is not None}
+
+
+# learner options only some learners take: setting one for another learner is an error
+_SPECIFIC = ("incremental", "rescale", "state_optimizer", "tol", "schedule", "beta", "estimator", "equilibration")
 
 
 @dataclass
