@@ -4,7 +4,7 @@ One model (:class:`PCNet`), many interchangeable learners (``make_learner``), th
 functions for all of them.
 """
 
-from . import energy, optim
+from . import energy, init_latent, optim  # init_latent registers the inits memory and amortized
 from .blocks import BlockOps, block_ops, preactivation_split
 from .errors import UserError
 from .init import StateInit, init_options, list_inits, make_init, register_init

@@ -72,6 +72,8 @@ def build_net(cfg: Config, num_classes: int, in_shape: tuple[int, int, int]) -> 
         with allocating("model"):
             if m.arch == "mlp":
                 hidden = list(m.widths) if m.widths is not None else [m.width] * (m.depth - 1)
+                if m.mode == "generative":  # latent → hidden → image pixels
+                    return mlp([m.latent, *hidden, c * h * w], act=m.act, init=m.weight_init)
                 return mlp([c * h * w, *hidden, num_classes], act=m.act, init=m.weight_init)
             if m.arch == "vgg":
                 return vgg(m.name, in_channels=c, num_classes=num_classes, image_size=h,
@@ -126,9 +128,13 @@ def build_learner(cfg: Config, net: PCNet, optimizer: torch.optim.Optimizer | No
         device = next(net.parameters()).device
         options["compile"] = resolve_compile(options["compile"], steps, device)
     try:
-        return make_learner(cfg.learner.name, net, optimizer=optimizer, **options)
+        learner = make_learner(cfg.learner.name, net, optimizer=optimizer, **options)
     except (ValueError, TypeError) as e:
         raise UserError(f"learner: {e}") from None
+    if cfg.model.mode == "generative" and not (learner.generative and learner.loss == "mse"):
+        raise UserError(f"model.mode=generative needs learner.name spc (schedule simultaneous) or epc with "
+                        f"learner.loss=mse, got learner.name={cfg.learner.name}, learner.loss={learner.loss}")
+    return learner
 
 
 def lr_factor(cfg: Config, step: int, total: int) -> float:
@@ -152,7 +158,7 @@ def make_run_loaders(cfg: Config, device: torch.device):
     return make_loaders(
         d.name, batch_size=d.batch_size, seed=cfg.train.seed, val_split=d.val_split, root=d.root,
         download=d.download, device=device, augment=d.augment, eval_batch_size=d.eval_batch_size,
-        image_size=d.image_size)
+        image_size=d.image_size, grouped=d.grouped is not None, classes_per_batch=d.grouped or 1)
 
 
 def data_record(loaders) -> dict[str, Any]:

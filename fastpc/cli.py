@@ -59,7 +59,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(_config_path(args.config) if args.config else None, args.set)
         summary = fit(cfg, overwrite=args.overwrite)
     data = summary.data
-    print(f"test_acc {format_acc(summary.test_acc)}  training seconds per epoch "
+    if cfg.model.mode == "generative":
+        err = summary.test_loss
+        head = f"test reconstruction error {'-' if err is None else format(err, '.4g')} per image"
+    else:
+        head = f"test_acc {format_acc(summary.test_acc)}"
+    print(f"{head}  training seconds per epoch "
           f"{', '.join(f'{s:.1f}' for s in summary.epoch_seconds)}  run {summary.run_dir}  "
           f"data {data['name']} from {data['path']}")
     return 0

@@ -45,6 +45,11 @@ class DataConfig:
     image_size: int | list[int] | None = None
     """Resize every image to this size (an int, or [height, width]); null = as stored. Needed for
     image folders whose images differ in size."""
+    grouped: int | None = None
+    """Label-grouped ("stream-aligned") training batches for ``learner.init: class_average``:
+    each batch holds at most this many classes (1: one class per batch), cut from per-class
+    shuffles in an order seeded by (train.seed, epoch) like the shuffled order, so a resumed run
+    sees the same batches; null = plainly shuffled batches."""
 
     def __post_init__(self) -> None:
         from .data.imagefolder import parse_image_size
@@ -61,6 +66,9 @@ class DataConfig:
         if not 0.0 <= self.val_split < 1.0:
             fail("data.val_split", f"must be in [0, 1), got {self.val_split}")
         parse_image_size(self.image_size)
+        if self.grouped is not None and not 1 <= self.grouped <= self.batch_size:
+            fail("data.grouped", f"must be null or classes per batch in [1, data.batch_size={self.batch_size}], "
+                 f"got {self.grouped}")
 
 
 @dataclass
@@ -82,6 +90,11 @@ class ModelConfig:
     """Weight initialisation: orthogonal, kaiming_uniform, gaussian or default (mlp, vgg)."""
     width_mult: float = 1.0
     """Channel multiplier for vgg / resnet (e.g. 0.25 for CPU-sized runs)."""
+    mode: Literal["discriminative", "generative"] = "discriminative"
+    """discriminative (images in, labels out) or generative (mlp only: a free latent of size
+    ``latent`` generates the images, clamped at the output; learner spc or epc with loss mse)."""
+    latent: int | None = None
+    """Generative mode: the latent size, the generator's input width (required there; null otherwise)."""
 
     def __post_init__(self) -> None:
         from .nets import ACTIVATIONS, VGG_CONFIGS
@@ -94,6 +107,12 @@ class ModelConfig:
             fail("model.width", f"must be >= 1, got {self.width}")
         if not 0.0 < self.width_mult <= 64.0:
             fail("model.width_mult", f"must be in (0, 64], got {self.width_mult}")
+        if self.mode == "generative" and (self.latent is None or self.latent < 1 or self.arch != "mlp"):
+            fail("model.latent" if self.arch == "mlp" else "model.arch",
+                 f"model.mode=generative needs model.arch=mlp and a latent size model.latent >= 1, got "
+                 f"arch={self.arch}, latent={self.latent}")
+        if self.mode != "generative" and self.latent is not None:
+            fail("model.latent", f"is only used with model.mode=generative (mode is {self.mode}); set it to null")
         choice("model.act", self.act, sorted(ACTIVATIONS))
         choice("model.weight_init", self.weight_init, ["orthogonal", "kaiming_uniform", "gaussian", "default"])
         names = {"vgg": sorted(VGG_CONFIGS), "resnet": ["resnet18"], "mlp": []}[self.arch]
@@ -137,15 +156,21 @@ class LearnerConfig:
     tol: float | None = None
     """spc/epc: stop inference when ‖∇E‖ / ‖∇E at the start‖ < tol (iters is then the cap);
     null: run all iters."""
+    armijo_steps: int | None = None
+    """spc/epc with safeguard: the steps the Armijo constant governs; after them a step need only
+    not raise the energy and grows while safe, so long inference converges (null: 20)."""
+    prior: float | None = None
+    """spc/epc in generative mode: weight of the latent's prior ½‖s_0‖² in the energy (null: 1)."""
     schedule: Literal["simultaneous", "sequential"] = "simultaneous"
-    """spc only: simultaneous (every layer steps at once) or sequential (SeqIL: top-down sweeps)."""
+    """spc only: simultaneous (every layer steps at once) or sequential (SeqIL: iters top-down
+    sweeps with steps state_lr/(1+t), run eagerly; not with momentum, adam, safeguard, tol, incremental)."""
     beta: float | None = None
-    """spc: soft-clamp the target, m = 1/(1+beta) (SeqIL); ep: the nudge strength β;
+    """spc (schedule sequential): soft-clamp the target, m = 1/(1+beta); ep: the nudge strength β;
     null: the learner's default."""
     estimator: str | None = None
     """ep only: centered, positive, negative, random or clamp (null: centered)."""
     equilibration: str | None = None
-    """ep only: mod_pgd, pgd or gd (null: mod_pgd)."""
+    """ep only: mod_pgd, pgd or gd (null: mod_pgd where every block ends in ReLU or Identity, else gd)."""
     compile: bool | Literal["auto"] = "auto"
     """spc/epc on an MLP with init forward: run each training step (FF pass, inference, local
     update) as one torch.compile graph, for batches of the training batch size. Same maths as
@@ -189,7 +214,7 @@ class LearnerConfig:
 
 
 # learner options only some learners take: setting one for another learner is an error
-_SPECIFIC = ("incremental", "rescale", "state_optimizer", "tol", "schedule", "beta", "estimator", "equilibration")
+_SPECIFIC = ("incremental", "rescale", "state_optimizer", "tol", "armijo_steps", "prior", "schedule", "beta", "estimator", "equilibration")
 
 
 @dataclass
@@ -246,8 +271,13 @@ class TrainConfig:
     """Stop as diverged when a step's loss or energy per example is not finite or exceeds this."""
     progress: bool = True
     """Show a tqdm progress bar per epoch."""
-    threads: int | None = None
-    """CPU threads for torch (``torch.set_num_threads``); null = torch's default."""
+    threads: int | Literal["auto"] | None = "auto"
+    """CPU threads for torch (``torch.set_num_threads``): a number; auto = the cores other work
+    does not already keep busy (1-minute load average) — running several experiments at once,
+    give each ``threads: 1``; null = torch's default (every core)."""
+    flush_denormal: bool = True
+    """Flush subnormal floats to zero on the CPU while training (they slow products 10-100×;
+    results change by less than the smallest normal float)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -263,7 +293,7 @@ class TrainConfig:
             fail("train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if not self.max_energy > 0:
             fail("train.max_energy", f"must be > 0, got {self.max_energy}")
-        if self.threads is not None and not 1 <= self.threads <= 1024:
+        if self.threads not in (None, "auto") and not 1 <= self.threads <= 1024:
             fail("train.threads", f"must be in [1, 1024] or null, got {self.threads}")
 
 

@@ -20,7 +20,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -42,6 +41,7 @@ __all__ = [
     "energy_per_sample",
     "layer_energies",
     "local_energy",
+    "latent_prior",
 ]
 
 LOSSES = ("ce", "mse")
@@ -230,6 +230,13 @@ def layer_energies(
         parts.append(zero if v is None else torch.dot(v, v))
     parts.append(zero if y is None else output_cost(yhat.detach(), y, loss).mul(2.0))
     return torch.stack(parts).mul_(0.5)
+
+
+def latent_prior(s0: torch.Tensor, prior: float) -> torch.Tensor:
+    """½·prior·‖s_0‖², summed over the batch: a generative model's N(0, I/prior) prior on its
+    free latent s_0 (``prior=0``: none)."""
+    v = s0.reshape(-1)
+    return torch.dot(v, v).mul_(0.5 * prior)
 
 
 def local_energy(

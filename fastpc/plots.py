@@ -46,14 +46,28 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # generative runs have no accuracy
+            ax.legend()
     return _save(fig, path)
 
 
 def plot_energy(traces: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Energy per example over inference iterations on a fixed batch: total energy after each
-    epoch (left) and the per-layer energies after the last epoch (right)."""
-    fig, (ax_tot, ax_lay) = plt.subplots(1, 2, figsize=(10, 4))
+    epoch (left), the per-layer energies after the last epoch (middle) and, where the learner
+    traced it, ‖∇E‖ over the inference variables after each epoch: the distance to
+    equilibrium (right)."""
+    has_grad = any("grad_norm" in tr for tr in traces)
+    fig, axes = plt.subplots(1, 3 if has_grad else 2, figsize=(15 if has_grad else 10, 4))
+    ax_tot, ax_lay = axes[0], axes[1]
+    if has_grad:
+        ax_g = axes[2]
+        for k, tr in enumerate(traces):
+            if "grad_norm" in tr:
+                ax_g.semilogy(range(len(tr["grad_norm"])), [max(v, 1e-300) for v in tr["grad_norm"]], "-",
+                              color=plt.get_cmap("viridis")(k / max(1, len(traces) - 1)), label=f"epoch {tr['epoch']}")
+        ax_g.set(xlabel="inference iteration", ylabel="‖∇E‖ (batch)", title="distance to equilibrium")
+        ax_g.grid(alpha=0.3)
+        ax_g.legend(fontsize=7)
     cmap = plt.get_cmap("viridis")
     for k, tr in enumerate(traces):
         total = tr["total"]
@@ -63,7 +77,9 @@ def plot_energy(traces: Sequence[dict[str, Any]], path: str | Path) -> Path:
         layers = traces[-1]["layers"]  # (T+1, L)
         n_layers = len(layers[0]) if layers else 0
         for j in range(n_layers):
-            name = "output cost" if j == n_layers - 1 else f"layer {j + 1} ½‖ε‖²"
+            prior = bool(traces[-1].get("prior_first"))  # generative mode: ½·prior·‖s_0‖² first
+            name = ("output cost" if j == n_layers - 1 else "latent prior" if prior and j == 0
+                    else f"layer {j + (0 if prior else 1)} ½‖ε‖²")
             ax_lay.plot(range(len(layers)), [row[j] for row in layers], "-o", ms=3, label=name)
         ax_lay.set_title(f"per layer, epoch {traces[-1]['epoch']}")
     # total energy: linear axis (its range is usually within one decade, where a log axis
@@ -88,6 +104,52 @@ def write_run_plots(run_dir: str | Path, rows: Sequence[dict[str, Any]],
     if traces:
         out.append(plot_energy(traces, plots / "energy.png"))
     return out
+
+
+def plot_images(rows: dict[str, Any], path: str | Path) -> Path:
+    """Image rows, one per entry of ``rows`` (name → array (n, C, H, W), C = 1 grey or 3 RGB),
+    n images side by side (generative mode: data / reconstructions, samples)."""
+    import numpy as np
+    n = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.9 * n, 1.0 * len(rows) + 0.2), squeeze=False)
+    for r, (name, imgs) in enumerate(rows.items()):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(imgs):
+                img = np.asarray(imgs[c], dtype=float)
+                img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0).clip(0, 1)
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+        axes[r][0].set_title(name, fontsize=8, loc="left")
+    return _save(fig, path)
+
+
+def plot_init_generative(result: dict[str, Any], path: str | Path) -> Path:
+    """``fastpc bench init --part generative``: reconstruction error of the states' prediction
+    and of the latent alone against inference iterations, one line per initializer (mean over
+    seeds, the fixed error dashed), and the amortized init's consistency per layer over training."""
+    panels = 3 if result["consistency"] else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), constrained_layout=True)
+    for key, ax, title in (("recon", axes[0], "½‖ŷ − y‖²: states' prediction"),
+                           ("latent_recon", axes[1], "½‖g(s_0) − y‖²: latent alone")):
+        for init, row in result["rows"].items():
+            ax.plot(range(len(row[key])), row[key], label=init)
+        ax.set(xlabel="inference iteration", ylabel="per image (test)", title=title, yscale="log")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(result["target"], color="grey", ls="--", lw=0.8, label=f"fixed error ({result['target_from']})")
+    axes[0].legend(fontsize=7)
+    if result["consistency"]:
+        steps = [c["step"] for c in result["consistency"]]
+        for layer in range(len(result["consistency"][0]["per_layer"])):
+            axes[2].plot(steps, [c["per_layer"][layer] for c in result["consistency"]], marker="o", ms=3,
+                         label=f"layer {layer + 1}")
+        axes[2].set(xlabel="training step", ylabel="‖f_l(g_l(s)) − s‖", title="amortized: consistency", yscale="log")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=7)
+    return _save(fig, path)
+
+
+__all__ += ["plot_images", "plot_init_generative"]
 
 
 # ---- diagnostics (fastpc.diagnostics): signal decay, alignment with BP, iterations vs depth ----

@@ -18,7 +18,7 @@ from .errors import UserError
 from .rundir import CHECKPOINT, RunLock, load_checkpoint, remove_temporaries, writing
 from .runfiles import (check_run_config, format_acc, history_fields, read_json, read_metrics, run_config,
                        write_results)
-from .train import evaluate
+from .train import evaluate, reconstruction_error
 
 __all__ = ["evaluate_run", "report"]
 
@@ -41,10 +41,16 @@ def _load_run(run_dir: Path, checkpoint: str | Path | None, overrides: list[str]
 def evaluate_run(run_dir: str | Path, checkpoint: str | Path | None = None,
                  overrides: list[str] | None = None) -> dict[str, Any]:
     """Rebuild a run's model, load its checkpoint and evaluate on val/test. Writes nothing.
-    Losses and accuracies of a split without examples are None."""
+    Losses and accuracies of a split without examples are None. A generative run reports the
+    reconstruction error after inference (``*_recon_error``; no accuracy)."""
     run_dir = Path(run_dir)
     cfg, learner, loaders, path, epoch, dtype = _load_run(run_dir, checkpoint, overrides)
     out = {"run_dir": str(run_dir), "checkpoint": str(path), "epoch": epoch, "data": data_record(loaders)}
+    if cfg.model.mode == "generative":
+        for split, loader in (("val", loaders.val), ("test", loaders.test)):
+            if loader is not None:
+                out[f"{split}_recon_error"] = reconstruction_error(learner, loader, dtype)
+        return out
     if loaders.val is not None:
         out["val_loss"], out["val_acc"] = evaluate(learner.net, loaders.val, cfg.learner.loss, dtype)
     out["test_loss"], out["test_acc"] = evaluate(learner.net, loaders.test, cfg.learner.loss, dtype)
@@ -102,7 +108,7 @@ def report(run_dir: str | Path, diagnostics: bool = True) -> str:
             raise UserError(f"run {run_dir} has no metrics.csv yet (no epoch finished)")
         summary = summary or {}
         written = plots.write_run_plots(run_dir, rows, traces or [])
-        if diagnostics and ckpt is not None:
+        if diagnostics and ckpt is not None and cfg.model.mode != "generative":  # they need class targets
             from .diagnostics import write_run_diagnostics
 
             cfg, learner, loaders, _, _, dtype = _load_run(run_dir, None, None)
@@ -115,7 +121,12 @@ def report(run_dir: str | Path, diagnostics: bool = True) -> str:
     for r in rows:
         lines.append("  ".join(f"{'-' if r.get(c) is None else format(r[c], '.4g'):>12}" for c in cols))
     seconds = [round(s, 1) for s in summary.get("epoch_seconds", []) if isinstance(s, (int, float))]
-    lines.append(f"test_acc {format_acc(rows[-1]['test_acc'])}  training seconds per epoch {seconds}")
+    if cfg.model.mode == "generative":
+        err = rows[-1]["test_loss"]
+        lines.append(f"test reconstruction error {'-' if err is None else format(err, '.4g')} per image  "
+                     f"training seconds per epoch {seconds}")
+    else:
+        lines.append(f"test_acc {format_acc(rows[-1]['test_acc'])}  training seconds per epoch {seconds}")
     data = summary.get("data")
     if isinstance(data, dict):
         lines.append(f"data: {data.get('name')} from {data.get('path')}")

@@ -28,7 +28,14 @@ __all__ = ["METRIC_FIELDS", "RunSummary", "history_fields", "format_acc", "read_
            "read_json", "write_json", "write_results", "results_complete", "run_config", "check_run_config"]
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "train_energy", "val_loss", "val_acc",
-                 "test_loss", "test_acc", "seconds", "eval_seconds"]
+                 "test_loss", "test_acc", "seconds", "eval_seconds", "smm_per_step", "smm_total", "iters"]
+# sequential matrix multiplications (``Learner.smm``): mean per training step of the epoch, and
+# the run's total so far; empty for a learner without a count. Runs written before these two
+# columns existed hold the header without them, which still reads.
+_SMM_FIELDS = 2
+# iters: inference iterations actually run, mean per training step (a tolerance may stop early).
+# A header may stop before any of these later columns (runs written before they existed).
+_BASE_FIELDS = len(METRIC_FIELDS) - _SMM_FIELDS - 1
 
 
 # ---- summary.json -------------------------------------------------------------------------------
@@ -45,6 +52,9 @@ def history_fields(history: dict[str, list]) -> dict[str, Any]:
         "train_energy": lastrow.get("train_energy"),
         "epoch_seconds": [r["seconds"] for r in rows],
         "train_seconds": sum(r["seconds"] for r in rows),
+        "smm_per_step": lastrow.get("smm_per_step"),
+        "smm_total": lastrow.get("smm_total"),
+        "inference_iters": lastrow.get("iters"),
     }
 
 
@@ -66,6 +76,14 @@ class RunSummary:
     epoch_seconds: list[float]
     """Training seconds of every epoch (evaluation not included)."""
     train_seconds: float
+    smm_per_step: float | None
+    """Sequential matrix multiplications per training step (mean over the last epoch), the
+    paper's cost unit (``Learner.smm``); None for a learner without a count."""
+    smm_total: int | None
+    """Sequential matrix multiplications of every training step so far."""
+    inference_iters: float | None
+    """Inference iterations actually run per training step, mean over the last epoch (below
+    ``learner.iters`` when ``learner.tol`` stopped inference early; 0 for bp)."""
     learner: str
     learner_options: dict[str, Any]
     compiled_step: bool
@@ -81,6 +99,10 @@ class RunSummary:
     """The resolved config, as config.yaml holds it."""
     diverged_at: dict[str, int] | None = None
     """``{"epoch": e, "step": s}`` of a diverged run (absent from summary.json otherwise)."""
+    generative: dict[str, Any] | None = None
+    """``model.mode: generative`` only (absent otherwise): ``recon_error``, the mean ½‖ŷ − y‖² per
+    test image after inference (test_loss), and ``consistency``, the amortized init's
+    autoencoder consistency ‖f_l(g_l(s)) − s‖ per layer on a test batch after every epoch."""
 
     @classmethod
     def from_history(cls, history: dict[str, list], **fields: Any) -> RunSummary:
@@ -90,8 +112,9 @@ class RunSummary:
     def to_json(self) -> dict[str, Any]:
         """summary.json's object: every field in order, ``diverged_at`` only when set."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if self.diverged_at is None:
-            del out["diverged_at"]
+        for key in ("diverged_at", "generative"):
+            if out[key] is None:
+                del out[key]
         return out
 
     def __getitem__(self, key: str) -> Any:
@@ -121,12 +144,13 @@ def _metrics_damage(text: str) -> str | None:
     if not text.endswith("\n"):
         return "its last line is cut off"
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames != METRIC_FIELDS:
+    if reader.fieldnames not in [METRIC_FIELDS[:k] for k in range(_BASE_FIELDS, len(METRIC_FIELDS) + 1)]:
         return f"its header is {reader.fieldnames}, expected {METRIC_FIELDS}"
+    width = len(reader.fieldnames)
     n = 0
     for n, r in enumerate(reader, 1):
         if None in r or any(v is None for v in r.values()):
-            return f"row {n} has {len(r) - (None in r)} of {len(METRIC_FIELDS)} columns"
+            return f"row {n} has {len(r) - (None in r)} of {width} columns"
         try:
             values = {k: float(v) for k, v in r.items() if v != ""}
         except ValueError:

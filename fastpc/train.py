@@ -27,15 +27,18 @@ import torch
 from tqdm import tqdm
 
 from . import energy as E
+from . import plots
 from .build import (COMPILE_AUTO_STEPS, build_learner, build_net_for, build_optimizer, data_record, lr_factor,
                     make_run_loaders, resolve_compile, resolve_device, restore_learner, seed_everything)
 from .config import Config, config_from_dict, config_to_dict, upgrade_stored_config
 from .errors import UserError
+from .init_latent import AmortizedInit
 from .learners import Learner
 from .nets import PCNet, frozen_batchnorm_stats
 from .rundir import (CHECKPOINT, CHECKPOINT_FORMAT, RunLock, RunState, check_replaceable, clear_run_dir,
                      inspect_run_dir, load_checkpoint, remove_temporaries, save_checkpoint, save_config, writing)
 from .runfiles import RunSummary, check_run_config, read_metrics, results_complete, write_json, write_results
+from .runtime import flush_denormals, pick_threads
 
 __all__ = ["fit", "evaluate", "energy_trace", "Diverged", "TRACE_BATCH",
            # defined elsewhere, importable from here as before
@@ -68,6 +71,34 @@ def evaluate(net: PCNet, loader, loss: str,
     return total / n, 100.0 * correct / n
 
 
+@torch.no_grad()
+def reconstruction_error(learner: Learner, loader, dtype: torch.dtype = torch.float32) -> float | None:
+    """Generative mode's test: inference on every batch of images (no weight change, the
+    initializer only read) -> the mean ½‖ŷ − y‖² per image at the converged latent; None when
+    the loader holds no examples."""
+    total, n = 0.0, 0
+    with frozen_batchnorm_stats(learner.net):
+        for x, _ in loader:
+            y = x.to(dtype).flatten(1)
+            total += E.output_cost(learner.infer(None, y).output, y, "mse").item()
+            n += y.shape[0]
+    return total / n if n else None
+
+
+def generative_figures(learner: Learner, x: torch.Tensor, folder: Path, shape: tuple[int, ...]) -> list[Path]:
+    """plots/reconstructions.png (images and their reconstructions after inference) and
+    plots/samples.png (the generator's output for latents drawn from N(0, I), seed 0)."""
+    x = x[:16]
+    with torch.no_grad(), frozen_batchnorm_stats(learner.net):
+        recon = learner.infer(None, x.flatten(1)).output
+        z = torch.randn(16, learner.latent_size(), generator=torch.Generator().manual_seed(0))
+        samples = learner.net(z.to(x))
+    rows = {"data": x, "reconstruction": recon, "samples": samples}
+    rows = {k: v.detach().cpu().double().numpy().reshape(-1, *shape) for k, v in rows.items()}
+    return [plots.plot_images({k: rows[k] for k in ("data", "reconstruction")}, folder / "reconstructions.png"),
+            plots.plot_images({"samples": rows["samples"]}, folder / "samples.png")]
+
+
 def energy_trace(learner: Learner, x: torch.Tensor, y: torch.Tensor) -> dict[str, list]:
     """Traced inference on a fixed batch: energy per example before every iteration and at the end."""
     with frozen_batchnorm_stats(learner.net):
@@ -75,7 +106,12 @@ def energy_trace(learner: Learner, x: torch.Tensor, y: torch.Tensor) -> dict[str
     B = y.shape[0]
     total = eq.trace if eq.trace is not None else eq.energy[None]
     layers = eq.layer_trace if eq.layer_trace is not None else total[:, None]
-    return {"total": (total / B).tolist(), "layers": (layers / B).tolist()}
+    out = {"total": (total / B).tolist(), "layers": (layers / B).tolist()}
+    if x is None:  # generative mode: the latent's prior is the first column
+        out["prior_first"] = True
+    if eq.grad_trace is not None:  # ‖∇E‖ over the inference variables: the distance to equilibrium
+        out["grad_norm"] = eq.grad_trace.tolist()
+    return out
 
 
 def _default_out(cfg: Config) -> Path:
@@ -127,13 +163,23 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunSummar
     checkpoint starts again. Nothing is written before the data, the model and (when resuming)
     the checkpoint and config.yaml have been checked, so bad input leaves the folder as it was;
     the folder is locked against other processes meanwhile (:class:`fastpc.rundir.RunLock`).
+    ``train.threads`` and ``train.flush_denormal`` hold for the run; both are restored after.
     """
+    before = torch.get_num_threads()
+    try:
+        return _fit(cfg, resume, overwrite)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit(cfg: Config, resume: bool, overwrite: bool) -> RunSummary:
     t = cfg.train
     run_dir = Path(t.out) if t.out is not None else _default_out(cfg)
     _check_run_dir(run_dir, resume, overwrite)
     device, dtype = resolve_device(t.device), getattr(torch, t.dtype)
-    if t.threads is not None:
-        torch.set_num_threads(t.threads)
+    threads = pick_threads(t.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     seed_everything(t.seed)
 
     loaders = make_run_loaders(cfg, device)
@@ -149,7 +195,7 @@ def fit(cfg: Config, resume: bool = False, overwrite: bool = False) -> RunSummar
     lock = RunLock(run_dir)
 
     try:
-        with writing(run_dir), lock:
+        with writing(run_dir), lock, flush_denormals(t.flush_denormal and device.type == "cpu"):
             lock.acquire(create=not resume)
             remove_temporaries(run_dir)
             state = _check_run_dir(run_dir, resume, overwrite)  # again: another process may have finished
@@ -199,6 +245,7 @@ def _train(cfg: Config, run_dir: Path, learner: Learner, loaders, data: dict[str
         checkpoint(0)  # a good checkpoint exists even if the first epoch diverges
     trace_x = test_loader.x[:TRACE_BATCH].to(dtype)
     trace_y = test_loader.y[:TRACE_BATCH]
+    gen = cfg.model.mode == "generative"  # images generated from a free latent: learner.step(None, images)
     summary = _summary(cfg, run_dir, learner, device, history, data, status="running")
     write_json(run_dir / "summary.json", summary.to_json())
 
@@ -207,7 +254,8 @@ def _train(cfg: Config, run_dir: Path, learner: Learner, loaders, data: dict[str
         net.train()
         train_loader.set_epoch(epoch)
         loss_sum = energy_sum = 0.0
-        correct = seen = 0
+        correct = seen = iters_sum = 0
+        smm_sum: int | None = 0  # sequential matrix multiplications of this epoch's steps (None: not counted)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not t.progress,
                    dynamic_ncols=True, mininterval=0.5, leave=True)
         t0 = time.perf_counter()
@@ -216,7 +264,7 @@ def _train(cfg: Config, run_dir: Path, learner: Learner, loaders, data: dict[str
             lr = cfg.optim.lr * lr_factor(cfg, step, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            res = learner.step(x.to(dtype), y)
+            res = learner.step(None, x.to(dtype).flatten(1)) if gen else learner.step(x.to(dtype), y)
             loss, energy = res.loss.item(), res.energy.item()
             if not (math.isfinite(loss) and math.isfinite(energy) and energy <= t.max_energy):
                 bar.close()
@@ -226,7 +274,9 @@ def _train(cfg: Config, run_dir: Path, learner: Learner, loaders, data: dict[str
                 raise _diverged(cfg, learner, run_dir, history, epoch + 1, i + 1, loss, energy)
             B = y.shape[0]
             loss_sum, energy_sum, seen = loss_sum + loss * B, energy_sum + energy * B, seen + B
-            correct += (res.output.argmax(1) == y).sum().item()
+            correct += 0 if gen else (res.output.argmax(1) == y).sum().item()
+            iters_sum += res.equilibrium.iters
+            smm_sum = None if smm_sum is None or res.smm is None else smm_sum + res.smm
             if i % 10 == 0 or i == steps_per_epoch - 1:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}",
                                 energy=f"{energy:.4g}", refresh=False)
@@ -235,24 +285,45 @@ def _train(cfg: Config, run_dir: Path, learner: Learner, loaders, data: dict[str
 
         # -- evaluate, trace, record
         t1 = time.perf_counter()
-        val_loss, val_acc = evaluate(net, val_loader, cfg.learner.loss, dtype) if val_loader else (None, None)
-        test_loss, test_acc = evaluate(net, test_loader, cfg.learner.loss, dtype)
+        evaluator = (lambda loader: (reconstruction_error(learner, loader, dtype), None)) if gen else \
+            (lambda loader: evaluate(net, loader, cfg.learner.loss, dtype))
+        val_loss, val_acc = evaluator(val_loader) if val_loader else (None, None)
+        test_loss, test_acc = evaluator(test_loader)
         if len(trace_y):
-            history["energy"].append({"epoch": epoch + 1, **energy_trace(learner, trace_x, trace_y)})
+            args = (None, trace_x.flatten(1)) if gen else (trace_x, trace_y)
+            history["energy"].append({"epoch": epoch + 1, **energy_trace(learner, *args)})
+            if gen and isinstance(learner.init, AmortizedInit) and learner.init.layers is not None:
+                states = learner.infer(*args).states  # autoencoder consistency of the recognition net
+                history.setdefault("consistency", []).append(
+                    {"epoch": epoch + 1, "per_layer": learner.init.consistency(net, states).tolist()})
         history["metrics"].append({
             "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch, "lr": lr,
-            "train_loss": loss_sum / seen, "train_acc": 100 * correct / seen, "train_energy": energy_sum / seen,
+            "train_loss": loss_sum / seen, "train_acc": None if gen else 100 * correct / seen, "train_energy": energy_sum / seen,
             "val_loss": val_loss, "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
-            "seconds": seconds, "eval_seconds": time.perf_counter() - t1})
+            "seconds": seconds, "eval_seconds": time.perf_counter() - t1,
+            "iters": iters_sum / steps_per_epoch,  # inference iterations run, mean per step (tol may stop early)
+            "smm_per_step": None if smm_sum is None else smm_sum / steps_per_epoch,
+            "smm_total": None if smm_sum is None else smm_sum + _smm_before(history)})
         last = epoch + 1 == t.epochs
         if last or (t.checkpoint_every and (epoch + 1) % t.checkpoint_every == 0):
             checkpoint(epoch + 1)
         summary = _summary(cfg, run_dir, learner, device, history, data, status="completed" if last else "running")
+        if gen and last and len(trace_y):
+            generative_figures(learner, trace_x, run_dir / "plots", loaders[3].in_shape)
         write_results(run_dir, history, summary, plot=last)
         if t.progress:
-            test = "no test data" if test_acc is None else f"test_acc {test_acc:.2f}% test_loss {test_loss:.4f}"
-            tqdm.write(f"epoch {epoch + 1}: {test} ({seconds:.1f}s training)")
+            test = "no test data" if test_loss is None else f"test reconstruction error {test_loss:.4f}" if gen \
+                else f"test_acc {test_acc:.2f}% test_loss {test_loss:.4f}"
+            smm = "" if smm_sum is None else f", {smm_sum / steps_per_epoch:.4g} SMM per step"
+            tqdm.write(f"epoch {epoch + 1}: {test} ({seconds:.1f}s training{smm})")
     return summary
+
+
+def _smm_before(history: dict[str, list]) -> int:
+    """The SMM total of the epochs already in ``history`` (0 before any, or for rows written
+    without a count)."""
+    rows = history["metrics"]
+    return int(rows[-1].get("smm_total") or 0) if rows else 0
 
 
 def _finish(cfg: Config, trained: Config, run_dir: Path, learner: Learner, device: torch.device,
@@ -284,4 +355,7 @@ def _summary(cfg: Config, run_dir: Path, learner: Learner, device: torch.device,
         torch=torch.__version__,
         data=data,
         config=config_to_dict(cfg),
+        generative=None if cfg.model.mode != "generative" else {
+            "recon_error": history["metrics"][-1]["test_loss"] if history["metrics"] else None,
+            "consistency": history.get("consistency", [])},
     )

@@ -16,10 +16,12 @@ from fastpc.nets import frozen_batchnorm_stats
 
 
 def descend(variables, energy_fn, iters, lr, momentum=0.0, optimizer="sgd", safeguard=False, armijo=0.0,
-            trace=False, after_step=None):
+            trace=False, after_step=None, tol=None, armijo_steps=20):
     """Gradient descent on ``energy_fn(vars) -> (per-sample energy (B,), errors, output, parts)``:
     SGD (with momentum), Adam, or the safeguard line search (one step for the batch, Armijo
-    test, curvature refit of a rejected step, momentum restart). Returns (variables, per-layer
+    test, curvature refit of a rejected step, momentum restart; after ``armijo_steps`` steps
+    the test is "E must not rise" and a step that achieved 3/4 of its predicted decrease doubles).
+    ``tol``: stop once the gradient norm is ≤ tol × the first one. Returns (variables, per-layer
     traces or None, iterations run)."""
     vs = [v.detach().clone().requires_grad_(True) for v in variables]
     traces = [] if trace else None
@@ -28,8 +30,9 @@ def descend(variables, energy_fn, iters, lr, momentum=0.0, optimizer="sgd", safe
     if safeguard:
         step = torch.tensor(lr, dtype=vs[0].dtype)
         prev_v, prev_g, prev_e, prev_parts, pred = None, [], None, None, None
-        tol = 8 * torch.finfo(vs[0].dtype).eps
-        fit = min(1.0, 1.8 * (1 - armijo))
+        tol_e = 8 * torch.finfo(vs[0].dtype).eps
+    g0 = None
+    converged = False
     for t in range(iters):
         with torch.enable_grad():
             e_b, parts = energy_fn(vs)
@@ -38,7 +41,11 @@ def descend(variables, energy_fn, iters, lr, momentum=0.0, optimizer="sgd", safe
             if safeguard:
                 e = e_b.detach().sum()
                 if prev_v is not None:
-                    rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
+                    late = t > armijo_steps
+                    c = 0.0 if late else armijo
+                    fit = min(1.0, 1.8 * (1 - c))
+                    rose = e > prev_e - c * step * pred + tol_e * prev_e.abs()
+                    old_step = step
                     if rose:
                         for v, pv in zip(vs, prev_v):
                             v.copy_(pv)
@@ -49,8 +56,17 @@ def descend(variables, energy_fn, iters, lr, momentum=0.0, optimizer="sgd", safe
                         curv = (2 * (e - prev_e + step * pred) / step.pow(2)).clamp_min(torch.finfo(e.dtype).tiny)
                         step = torch.minimum(torch.maximum(fit * pred / curv, step * 1e-6), step * 0.5)
                         e, parts = prev_e, prev_parts
+                    if late and not rose and prev_e - e >= 0.75 * old_step * pred \
+                            and old_step * pred > tol_e * prev_e.abs():
+                        step = step * 2
                 prev_v = [v.detach().clone() for v in vs]
                 prev_g, prev_e, prev_parts = grads, e, parts
+            if tol is not None:
+                gn = torch.sqrt(sum((g * g).sum() for g in grads))
+                g0 = gn if g0 is None else g0
+                if gn <= tol * g0:
+                    iters, converged = t, True
+                    break
             if traces is not None:
                 traces.append(parts)
             if optimizer == "adam":
@@ -77,9 +93,10 @@ def descend(variables, energy_fn, iters, lr, momentum=0.0, optimizer="sgd", safe
         if after_step is not None and after_step(t + 1, [v.detach() for v in vs]) is True:
             iters = t + 1
             break
-    if safeguard and prev_v is not None:  # the last step must pass the same test
+    if safeguard and prev_v is not None and not converged:  # the last step must pass the same test
+        c = 0.0 if iters > armijo_steps else armijo
         with torch.no_grad():
-            if energy_fn(vs)[0].sum() > prev_e - armijo * step * pred + tol * prev_e.abs():
+            if energy_fn(vs)[0].sum() > prev_e - c * step * pred + tol_e * prev_e.abs():
                 for v, pv in zip(vs, prev_v):
                     v.copy_(pv)
     return [v.detach() for v in vs], traces, iters
@@ -134,7 +151,7 @@ class Reference:
 
             vs, traces, iters = descend(v0, self._energy_fn(x, y), lrn.iters, lrn.state_lr, lrn.momentum,
                                         getattr(lrn, "state_optimizer", "sgd"), lrn.safeguard, lrn.armijo,
-                                        trace, after)
+                                        trace, after, lrn.tol, lrn.armijo_steps)
             with torch.no_grad():
                 states = self._states_from_errors(x, vs) if epc else vs
                 preds, out = E.predictions(blocks, x, states)

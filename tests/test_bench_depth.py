@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -48,3 +47,23 @@ def test_summarize_rows():
     rows = depth.summarize(cells)
     assert rows[0]["variant"] == "bp" and rows[0]["acc_mean"] == 81.0 and rows[0]["acc_spread"] == 1.0
     assert rows[1]["ratio_to_bp"] == pytest.approx(4.0)
+
+
+@pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not available locally")
+def test_depth_paper_regime_applies_the_papers_settings(tmp_path):
+    parser = argparse.ArgumentParser()
+    depth.add_arguments(parser)
+    argv = ["--regime", "paper", "--quick", "--max-steps", "3", "--learners", "bp", "epc-T64-0.1", "--out", str(tmp_path)]
+    args = parser.parse_args(argv)
+    args.argv = argv
+    assert depth.run(args) == 0
+    res = json.loads((tmp_path / "depth-paper.json").read_text())
+    st = res["settings"]
+    assert (st["batch_size"], st["lr"], st["regime"]) == (64, 1e-4, "paper")
+    assert res["variants"]["epc-T64-0.1"]["options"] == {"iters": 64, "state_lr": 0.1, "safeguard": False}
+    assert not (tmp_path / "depth.md").exists()  # our regime's table is left alone
+    assert "the ePC paper's regime" in (tmp_path / "depth-paper.md").read_text()
+    # the paper's defaults fill only what was not given
+    args = parser.parse_args(["--regime", "paper", "--lr", "3e-4"])
+    depth._apply_regime(args)
+    assert (args.lr, args.batch_size, args.epochs) == (3e-4, 64, 5) and args.learners == list(depth.PAPER_VARIANTS)

@@ -10,7 +10,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 from tinydata import FILES, tiny_overrides
 
 from fastpc.cli import main

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 NUMERIC = ["test_theory.py", "test_fastpath.py", "test_compile.py", "test_learners.py",
-           "test_diagnostics.py", "test_nets.py", "test_blocks.py", "test_energy.py", "test_init.py", "test_door.py"]
+           "test_diagnostics.py", "test_nets.py", "test_blocks.py", "test_energy.py", "test_init.py", "test_door.py",
+           "test_convergence.py", "test_ep.py", "test_seqil.py", "test_generative.py", "test_optim.py"]
 FAMILY_ENV = "FASTPC_TEST_KERNEL_FAMILY"  # set in the child: it does not recurse
 
 

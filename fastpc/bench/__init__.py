@@ -19,6 +19,9 @@ from types import ModuleType
 SUITES: dict[str, str] = {
     "speed": "fastpc.bench.speed",
     "depth": "fastpc.bench.depth",
+    "ep": "fastpc.bench.ep",
+    "il": "fastpc.bench.il",
+    "init": "fastpc.bench.init",
 }
 
 

@@ -6,6 +6,11 @@ one process so that seconds per epoch are comparable. Writes ``depth.md`` + ``de
 the depth-20 diagnostics (energy heatmap spc | epc, alignment with BP, iterations to the
 linear equilibrium versus depth) as PNGs under ``--out`` (default ``benchmarks/results``).
 
+``--regime paper`` runs the ePC paper's own MLP setting instead (PAPERS.md §2: batch 64, Adam
+lr 1e-4, 5 epochs, sPC at T = 256, fixed-step ePC at T ∈ {64, 256} × η_e ∈ {0.1, 0.3}, beside
+our line-searched epc at T = 5) and writes ``depth-paper.md`` / ``.json``; ``--epochs`` and
+``--train-subset`` shrink it for a CPU.
+
 ``--quick`` is a smoke run: depths 2 and 4, a 1,024-example train subset,
 one seed, one epoch, small diagnostics.
 """
@@ -16,17 +21,16 @@ import argparse
 import datetime as _dt
 import json
 import math
-import platform
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import fastpc as fpc
+
+from ..runtime import flush_denormals
+from .suite import begin, machine
 
 __all__ = ["VARIANTS", "Variant", "CellResult", "add_arguments", "run", "train_cell", "summarize"]
 
@@ -55,7 +59,18 @@ VARIANTS: dict[str, Variant] = {
     "epc-fixed": Variant("epc-fixed", "epc", {"iters": 5, "state_lr": 0.001, "safeguard": False},
                          "plain fixed-step ePC, η_e = 0.001, T = 5 (no line search)"),
 }
+for _T in (64, 256):  # the ePC paper's MLP grid (PAPERS.md §2): fixed step, no line search
+    for _lr in (0.1, 0.3):
+        VARIANTS[f"epc-T{_T}-{_lr}"] = Variant(f"epc-T{_T}-{_lr}", "epc",
+                                               {"iters": _T, "state_lr": _lr, "safeguard": False},
+                                               f"the ePC paper's regime: fixed-step ePC, T = {_T}, η_e = {_lr}")
+VARIANTS["spc-T256"] = Variant("spc-T256", "spc", {"iters": 256, "state_lr": 0.1},
+                               "the ePC paper's regime for sPC: T = 256, λ = 0.1")
 DEFAULT_VARIANTS = ("bp", "spc", "epc")
+PAPER_VARIANTS = ("bp", "spc-T256", "epc-T64-0.1", "epc-T64-0.3", "epc-T256-0.1", "epc-T256-0.3", "epc")
+# the ePC paper's MLP training settings (PAPERS.md §2); --regime paper applies them where not given
+PAPER_SETTINGS = {"batch_size": 64, "lr": 1e-4, "epochs": 5}
+OURS_SETTINGS = {"batch_size": 128, "lr": 3e-4, "epochs": 3}
 
 DIVERGED_LOSS = 1e3  # a CE loss above this (chance is ln 10 ≈ 2.3) stops the cell as diverged
 
@@ -173,13 +188,18 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 12, 20], help="MLP depths (Linear layers)")
-    parser.add_argument("--learners", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                        help="variants to train (epc-eq: ePC inference run towards the equilibrium)")
+    parser.add_argument("--regime", choices=["ours", "paper"], default="ours",
+                        help="ours: T = 5 with the line search (depth.md); paper: the ePC paper's MLP grid "
+                             "(batch 64, Adam 1e-4, 5 epochs, T 64/256; depth-paper.md)")
+    parser.add_argument("--learners", nargs="+", default=None, choices=list(VARIANTS),
+                        help="variants to train (default: bp spc epc; paper regime: "
+                             + " ".join(PAPER_VARIANTS) + ")")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="default 3 (paper regime: 5)")
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (all learners)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 128 (paper regime: 64)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate, all learners (default 3e-4; paper regime: 1e-4)")
     parser.add_argument("--train-subset", type=int, default=None, help="use the first N training examples")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each cell after N weight steps")
     parser.add_argument("--data-root", default=None)
@@ -191,28 +211,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
 
 
+def _apply_regime(args: argparse.Namespace) -> None:
+    paper = args.regime == "paper"
+    for k, v in (PAPER_SETTINGS if paper else OURS_SETTINGS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.learners is None:
+        args.learners = list(PAPER_VARIANTS if paper else DEFAULT_VARIANTS)
+    if paper:
+        args.no_diagnostics = True  # the diagnostics belong to our regime's table
+
+
 def _apply_quick(args: argparse.Namespace) -> None:
     args.depths, args.seeds, args.epochs = [2, 4], [0], 1
     args.train_subset = args.train_subset or 1024
     args.width = min(args.width, 64)
 
 
-def _machine() -> str:
-    import os
-    cpu = platform.processor() or platform.machine()
-    return (f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPU cores, "
-            f"python {platform.python_version()}, torch {torch.__version__}")
-
-
 def run(args: argparse.Namespace) -> int:
     from fastpc.data import make_loaders
 
+    _apply_regime(args)
     if args.quick:
         _apply_quick(args)
-    torch.set_num_threads(max(1, args.threads))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["fastpc", "bench", "depth", *getattr(args, "argv", sys.argv[3:])])
+    with flush_denormals():
+        return _run(args, make_loaders)
+
+
+def _run(args: argparse.Namespace, make_loaders) -> int:
+    out, command = begin(args, "depth")
     started = time.time()
 
     def log(msg: str) -> None:
@@ -243,15 +270,17 @@ def run(args: argparse.Namespace) -> int:
     wall = time.time() - started
     date = _dt.datetime.now().isoformat(timespec="seconds")
     result = {
-        "suite": "depth", "command": command, "date": date, "machine": _machine(), "wall_s": wall,
+        "suite": "depth", "command": command, "date": date, "machine": machine(), "wall_s": wall,
         "settings": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
         "variants": {k: asdict(VARIANTS[k]) for k in args.learners},
         "cells": [asdict(c) for c in cells], "rows": rows, "plots": [p.name for p in pngs],
     }
-    (out / "depth.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    stem = "depth-paper" if args.regime == "paper" else "depth"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     md = [
-        "# Depth sweep: bp vs spc vs epc (PAPERS.md §1–2)", "",
-        f"Command: `{command}`  ", f"Date: {date}  ", f"Machine: {_machine()}  ",
+        "# Depth sweep: bp vs spc vs epc (PAPERS.md §1–2)"
+        + (", the ePC paper's regime" if args.regime == "paper" else ""), "",
+        f"Command: `{command}`  ", f"Date: {date}  ", f"Machine: {machine()}  ",
         f"Threads: {args.threads}; wall time {wall / 60:.1f} min", "",
         f"Fashion-MNIST, MLP width {args.width}, GELU, orthogonal init (ReLU gain), CE, AdamW lr {args.lr}, "
         f"batch {args.batch_size}, {args.epochs} epoch(s), seeds {args.seeds}"
@@ -266,6 +295,6 @@ def run(args: argparse.Namespace) -> int:
     if diag_md:
         md += [diag_md, ""]
     md += ["How these settings were tuned: benchmarks/README.md (\"How the depth settings were tuned\").", ""]
-    (out / "depth.md").write_text("\n".join(md))
-    print(f"wrote {out / 'depth.md'} and {out / 'depth.json'}" + (f" and {len(pngs)} PNGs" if pngs else ""))
+    (out / f"{stem}.md").write_text("\n".join(md))
+    print(f"wrote {out / (stem + '.md')} and {out / (stem + '.json')}" + (f" and {len(pngs)} PNGs" if pngs else ""))
     return 0

@@ -37,6 +37,7 @@ import torch
 
 import fastpc as fpc
 
+from ..runtime import available_cores, flush_denormals, pick_threads
 from .pcx_client import PCX_SCRIPT, start_pcx
 from .speed_report import EpochRow, MlpRow, VggRow, WideRow, command_line, json_default, machine_info, markdown
 
@@ -68,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave out the compiled-step rows (compiling takes ~15 s to a few minutes per net on a "
                         "2-core CPU; left out by default with --quick)")
     p.add_argument("--compile", dest="compile", action="store_true", help="time the compiled step even with --quick")
+    p.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false",
+                   help="leave subnormal floats as they are (flushed to zero by default, as in training)")
 
 
 # ---- measurements ---------------------------------------------------------------------------
@@ -119,6 +122,7 @@ class Case:
         self.learner = fpc.make_learner(name, self.net, loss="ce", optimizer=opt, **opts)
         self.fast = bool(getattr(self.learner, "uses_fast_path", False))
         self.times: list[float] = []
+        self.step_times: list[float] = []  # every timed step in order (the drift check)
         self.flops_per_step: float | None = None
 
     compile_s: float | None = None  # seconds of the first step of a compiled learner
@@ -136,10 +140,13 @@ class Case:
             self.compile_s = time.perf_counter() - t
             if self.learner.compile_failed:
                 print(f"  {self.label}: compiling failed ({self.learner.compile_failed}); timed eager", file=sys.stderr)
-        t = time.perf_counter()
+        t = t0 = time.perf_counter()
         for x, y in batches:
             self.learner.step(x, y)
-        return time.perf_counter() - t
+            t1 = time.perf_counter()
+            self.step_times.append(t1 - t)
+            t = t1
+        return t - t0
 
     def count_flops(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Matmul FLOPs of one step as the fast path runs it (None on the generic path)."""
@@ -198,17 +205,12 @@ def _batches(x, y, B, n, seed, flatten=False):
 
 
 def _pick_threads(threads: str | int) -> int:
-    """'auto': every core when the machine is quiet; 1 when other work already fills the cores
-    (intra-op threads then wait on each other's time slices; see benchmarks/README.md)."""
-    cores = os.cpu_count() or 1
-    if str(threads) != "auto":
-        n = int(threads)
-        return n if n > 0 else cores
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return cores
-    return 1 if load >= cores - 0.5 else cores
+    """'auto': :func:`fastpc.runtime.pick_threads` (the cores the load average leaves free);
+    a number as given (0 or less: every core)."""
+    if str(threads) == "auto":
+        return pick_threads("auto") or available_cores()
+    n = int(threads)
+    return n if n > 0 else available_cores()
 
 
 # ---- sections -----------------------------------------------------------------------------
@@ -289,10 +291,24 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
     out["epc_flop_ratio"] = ef / flops["bp"]
     out["epc_over_bp_vs_flops"] = out["epc_over_bp"] / out["epc_flop_ratio"]
     out["fast_speedup"] = {"spc": s["spc (generic)"] / s["spc"], "epc": s["epc (generic)"] / s["epc"]}
+    out["drift"] = step_drift({c.label: c.step_times for c in cases if "generic" not in c.label})
     if args.compile:
         out["epc_compiled_over_bp"] = s["epc (compiled)"] / bp
         out["compiled_speedup"] = {"spc": s["spc"] / s["spc (compiled)"], "epc": s["epc"] / s["epc (compiled)"]}
         out["compile_s"] = {"spc": case["spc (compiled)"].compile_s, "epc": case["epc (compiled)"].compile_s}
+    return out
+
+
+def step_drift(step_times: dict[str, list[float]], n: int = 100) -> dict[str, dict[str, float]]:
+    """Per case, the median step time of its first ``n`` and last ``n`` timed steps (the
+    weights train throughout: a step that slows as training goes on, e.g. on denormals, shows
+    as last/first > 1)."""
+    out = {}
+    for label, ts in step_times.items():
+        if len(ts) >= 2 * n:
+            first, last = statistics.median(ts[:n]), statistics.median(ts[-n:])
+            out[label] = {"first_ms": first * 1e3, "last_ms": last * 1e3, "last_over_first": last / first,
+                          "steps": len(ts)}
     return out
 
 
@@ -339,6 +355,20 @@ def _vgg_section(args, X, Y, n_batches, repeats) -> dict[str, Any]:
             "steps_per_epoch": steps_per_epoch, "timed_batches": len(batches)}
 
 
+def _sections(args, res, X, Y, quick, n_batches, n_generic, repeats) -> None:
+    t0 = time.perf_counter()
+    res["matmul_gflops"] = matmul_gflops()
+    print(f"fp32 matmul rate: {res['matmul_gflops']:.1f} GFLOP/s")
+    if "mlp" not in args.skip_set:
+        res["mlp"] = [_mlp_section(args, X, Y, d, n_batches, n_generic, repeats) for d in (4, 20)]
+    if "wide" not in args.skip_set:
+        res["wide"] = _wide_section(args, X, Y, 3 if quick else 10, repeats, res["matmul_gflops"])
+    if "vgg" not in args.skip_set:
+        res["vgg"] = _vgg_section(args, X, Y, 2 if quick else 10, repeats)
+    res["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    res["seconds"] = time.perf_counter() - t0
+
+
 def run(args: argparse.Namespace) -> int:
     args.skip_set = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.threads = _pick_threads(args.threads)
@@ -361,17 +391,9 @@ def run(args: argparse.Namespace) -> int:
                            "chunk": args.chunk}
     if not args.pcx_python:
         print("speed: no PCX interpreter given (--pcx-python or FASTPC_PCX_PYTHON): the PCX column is skipped")
-    t0 = time.perf_counter()
-    res["matmul_gflops"] = matmul_gflops()
-    print(f"fp32 matmul rate: {res['matmul_gflops']:.1f} GFLOP/s")
-    if "mlp" not in args.skip_set:
-        res["mlp"] = [_mlp_section(args, X, Y, d, n_batches, n_generic, repeats) for d in (4, 20)]
-    if "wide" not in args.skip_set:
-        res["wide"] = _wide_section(args, X, Y, 3 if quick else 10, repeats, res["matmul_gflops"])
-    if "vgg" not in args.skip_set:
-        res["vgg"] = _vgg_section(args, X, Y, 2 if quick else 10, repeats)
-    res["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    res["seconds"] = time.perf_counter() - t0
+    res["flush_denormal"] = args.flush_denormal
+    with flush_denormals(args.flush_denormal):
+        _sections(args, res, X, Y, quick, n_batches, n_generic, repeats)
     md = markdown(res)
     print(md)
     out = Path(args.out)

@@ -165,6 +165,10 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"- compiled step vs eager fast path: spc {cs['spc']:.2f}× faster, epc {cs['epc']:.2f}× "
                          f"faster; compiling took {_fmt(ct['spc'], '.0f')} s (spc), {_fmt(ct['epc'], '.0f')} s (epc), "
                          "not counted (a warm inductor cache shortens it).")
+        if sec.get("drift"):
+            lines.append("- steps over training (first vs last 100 timed steps, median ms; weights train throughout): "
+                         + "; ".join(f"{k} {d['first_ms']:.2f} → {d['last_ms']:.2f} ({d['last_over_first']:.2f}×)"
+                                     for k, d in sec["drift"].items()) + ".")
         lines.append("")
     if "wide" in res:
         w = res["wide"]

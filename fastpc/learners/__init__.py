@@ -12,3 +12,4 @@ __all__ = ["Learner", "Equilibrium", "StepResult", "register_learner", "make_lea
 from . import bp as _bp  # noqa: E402,F401
 from . import spc as _spc  # noqa: E402,F401
 from . import epc as _epc  # noqa: E402,F401
+from . import ep as _ep  # noqa: E402,F401

@@ -17,6 +17,10 @@ class BP(Learner):
     def __init__(self, net, loss="ce", optimizer=None, init="forward", init_options=None):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
 
+    def smm(self, iters):
+        """2L − 1: forward L, backward L − 1 (each weight gradient overlaps the next backward product)."""
+        return 2 * len(self.net.blocks) - 1
+
     def _relax(self, x, y, ff_states, out, trace, callback=None):
         cost = E.output_cost(out, y, self.loss).detach()
         layers = torch.cat([torch.zeros(len(ff_states), dtype=cost.dtype, device=cost.device), cost[None]])

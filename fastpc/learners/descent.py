@@ -18,7 +18,19 @@ the largest step that quadratic accepts, η·κ = 2(1 − armijo), at most its m
 force for the rest of the batch. With ``armijo`` near 1 every step is far below 1/κ: after T
 steps η·κ·T ≲ 2T(1 − armijo), the regime in which one ePC update is η·T × the BP gradient
 (PAPERS.md §2) even where the deep Jacobian has grown large. The last step must pass the same
-test. On the CPU the accept/reject test branches on the host (an accepted step restores
+test.
+
+Only the first ``armijo_steps`` steps answer to ``armijo``: after them the test asks only that
+E not rise, and a step that achieved at least 3/4 of the decrease its gradient predicted
+(η·κ ≤ ½ on a quadratic) is doubled for the next one. So a long inference converges as fast as a
+well-chosen fixed step (η·κ settles between ½ and 2: the quadratic's minimiser after a
+rejection, doubled while the steps stay safe) instead of crawling at η·κ ≈ 2(1 − armijo), while a
+short one (T ≤ ``armijo_steps``, the regime of the depth table) runs exactly as before.
+
+``tol``: inference stops when the gradient norm has fallen to ``tol`` × its value at the first
+step (‖∇_v E‖ ≤ tol·‖∇_v E⁰‖), ``iters`` being the cap; the steps run are reported. With
+``trace`` the loop also returns ‖∇_v E‖ before every step and at the end, the distance to
+equilibrium. On the CPU the accept/reject test branches on the host (an accepted step restores
 nothing); elsewhere, and for code ``torch.compile`` traces (``sync_free``), it selects with
 ``torch.where`` and never synchronises.
 """
@@ -29,10 +41,11 @@ import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["Stack", "Relaxation", "Descent", "Workspace", "minimize", "BRANCH_ON_CPU"]
+__all__ = ["Stack", "Relaxation", "Descent", "Workspace", "Minimized", "minimize", "BRANCH_ON_CPU"]
 
 BRANCH_ON_CPU = True  # False: the sync-free torch.where line search on the CPU too (tests use it)
 
@@ -120,8 +133,10 @@ class Relaxation(abc.ABC):
 
 @dataclass(frozen=True)
 class Descent:
-    """iters steps of size ``lr`` (``state_lr``); ``optimizer`` "sgd" (with ``momentum``) or
-    "adam"; ``safeguard``: the line search with ``armijo`` (see the module docstring)."""
+    """At most iters steps of size ``lr`` (``state_lr``); ``optimizer`` "sgd" (with
+    ``momentum``) or "adam"; ``safeguard``: the line search with ``armijo`` for its first
+    ``armijo_steps`` steps; ``tol``: stop once ‖∇E‖ ≤ tol·‖∇E at the first step‖ (see the module
+    docstring)."""
 
     iters: int
     lr: float
@@ -129,12 +144,27 @@ class Descent:
     optimizer: str = "sgd"
     safeguard: bool = False
     armijo: float = 0.0
+    tol: float | None = None
+    armijo_steps: int = 20
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"state_optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.safeguard and self.optimizer == "adam":
             raise ValueError("safeguard works with state_optimizer='sgd' only")
+        if self.tol is not None and not (isinstance(self.tol, (int, float)) and 0 <= self.tol < 1):
+            raise ValueError(f"tol must be a number in [0, 1) or None, got {self.tol!r}")
+        if not (isinstance(self.armijo_steps, int) and self.armijo_steps >= 0):
+            raise ValueError(f"armijo_steps must be an integer >= 0, got {self.armijo_steps!r}")
+
+
+class Minimized(NamedTuple):
+    """What :func:`minimize` hands back: per-layer energies before every step (``trace``), the
+    steps run, and ‖∇_v E‖ before every step and at the end (``trace``)."""
+
+    traces: list[torch.Tensor] | None
+    iters: int
+    grad_norms: list[torch.Tensor] | None
 
 
 AfterStep = Callable[[int], "bool | None"]
@@ -192,15 +222,17 @@ def minimize(
     after_step: AfterStep | None = None,
     sync_free: bool = False,
     workspace: Workspace | None = None,
-) -> tuple[list[torch.Tensor] | None, int]:
-    """Run ``opts.iters`` descent steps on ``problem`` (in place on ``problem.v``).
+) -> Minimized:
+    """Run at most ``opts.iters`` descent steps on ``problem`` (in place on ``problem.v``).
 
     ``after_step(t)`` runs after step t (1-based) with the problem forwarded at the new
     variables; returning True stops. ``sync_free``: never branch on a tensor's value (the
     line search selects with ``torch.where``; what torch.compile traces). ``workspace``: where
     the scratch buffers come from (default: new ones).
-    Returns (per-layer energies before every step, or None without ``trace``; steps run). The
-    problem is left forwarded at the final (accepted) variables."""
+    ``opts.tol`` needs host syncs and so does not combine with ``sync_free``. The problem is
+    left forwarded at the final (accepted) variables."""
+    if sync_free and opts.tol is not None:
+        raise ValueError("a tolerance (tol) stops on a value: it cannot run sync-free (compiled)")
     if workspace is not None and workspace.busy:
         workspace = None
     if workspace is None:
@@ -236,12 +268,13 @@ def _minimize(problem, opts, trace, after_step, sync_free, workspace):
         step = torch.tensor(opts.lr, dtype=flat.dtype, device=flat.device)
         prev_v, g_prev = stack("prev_v"), stack("g_prev", problem.sparse_grad and not whole)
         tol, tiny = 8 * torch.finfo(flat.dtype).eps, torch.finfo(flat.dtype).tiny
-        fit, armijo = min(1.0, 1.8 * (1 - opts.armijo)), opts.armijo
         branch = BRANCH_ON_CPU and flat.device.type == "cpu" and not sync_free
     traces: list[torch.Tensor] | None = [] if trace else None
+    norms: list[torch.Tensor] | None = [] if trace else None
+    stop_at = None if opts.tol is None else [opts.tol]  # becomes tol·‖g⁰‖ at the first step
     prev_e = prev_parts = pred = None
     saved = start = flat.numel()  # prev_v holds flat[saved:]; nothing moves before flat[start:]
-    t_run = 0
+    t_run, converged = 0, False
     for t in range(opts.iters):
         problem.forward()
         e = problem.energy() if ls else None
@@ -249,31 +282,26 @@ def _minimize(problem, opts, trace, after_step, sync_free, workspace):
         start = min(start, problem.grad(g))
         lo = 0 if whole else start
         if ls and prev_e is not None:
-            rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
-            if not branch or bool(rose):
-                if branch:
-                    _tail(flat, saved).copy_(_tail(prev_v.flat, saved))
-                    _tail(g.flat, lo).copy_(_tail(g_prev.flat, lo))
-                    if vel is not None:  # a rejected step restarts the momentum
-                        vel.zero_()
-                else:
-                    torch.where(rose, _tail(prev_v.flat, saved), _tail(flat, saved), out=_tail(flat, saved))
-                    torch.where(rose, _tail(g_prev.flat, lo), _tail(g.flat, lo), out=_tail(g.flat, lo))
-                    if vel is not None:
-                        vel.mul_((~rose).to(flat.dtype))
-                # quadratic φ(a) = E_old − a·pred + ½κa² through E_new at a = step
-                curv = (2 * (e - prev_e + step * pred) / step.pow(2)).clamp_min(tiny)
-                shrunk = torch.minimum(torch.maximum(fit * pred / curv, step * 1e-6), step * 0.5)
-                step = torch.where(rose, shrunk, step)
-                e = torch.where(rose, prev_e, e)
-                if parts is not None:
-                    parts = torch.where(rose, prev_parts, parts)
+            e, parts, step = _line_search(problem, opts, t, e, parts, prev_e, prev_parts, pred, step, flat, g,
+                                          prev_v, g_prev, vel, saved, lo, tol, tiny, branch)
         if ls:
             _tail(prev_v.flat, lo).copy_(_tail(flat, lo))
             saved, prev_e, prev_parts = lo, e, parts
+        gt = _tail(g.flat, lo)
+        if norms is not None or stop_at is not None:
+            gn = torch.linalg.vector_norm(gt)
+            if norms is not None:
+                norms.append(gn)
+            if stop_at is not None:
+                if t == 0:
+                    stop_at = [opts.tol * gn.item()]
+                if gn.item() <= stop_at[0]:
+                    converged = True
+                    if norms is not None:
+                        norms.pop()
+                    break
         if traces is not None:
             traces.append(parts)
-        gt = _tail(g.flat, lo)
         if adam is not None:
             u = adam.direction(gt, lo)
         elif vel is not None:
@@ -292,11 +320,51 @@ def _minimize(problem, opts, trace, after_step, sync_free, workspace):
             problem.forward()
             if after_step(t + 1) is True:
                 break
-    if ls and prev_e is not None:  # the last step must pass the same test
+    if ls and prev_e is not None and not converged:  # the last step must pass the same test
         problem.forward()
-        rose = problem.energy() > prev_e - armijo * step * pred + tol * prev_e.abs()
+        c = opts.armijo if t_run <= opts.armijo_steps else 0.0
+        rose = problem.energy() > prev_e - c * step * pred + tol * prev_e.abs()
         if not branch or bool(rose):
             torch.where(rose, _tail(prev_v.flat, saved), _tail(flat, saved), out=_tail(flat, saved))
             problem.moved(start)
     problem.forward()
-    return traces, t_run
+    if norms is not None:  # the distance to equilibrium where inference ended
+        norms.append(torch.linalg.vector_norm(_tail(g.flat, problem.grad(g))))
+    return Minimized(traces, t_run, norms)
+
+
+def _line_search(problem, opts, t, e, parts, prev_e, prev_parts, pred, step, flat, g, prev_v, g_prev, vel, saved,
+                 lo, tol, tiny, branch):
+    """Test the step taken at iteration t − 1 (the t-th step): undo it when E rose above the
+    Armijo bound (restoring the variables and their gradient), shrink η to fit the curvature
+    along it; in the late phase (t > armijo_steps) double η after a step that achieved 3/4 of
+    its predicted decrease. Returns (E, parts, η) at the accepted point."""
+    late = t > opts.armijo_steps
+    armijo = 0.0 if late else opts.armijo
+    fit = min(1.0, 1.8 * (1 - armijo))
+    rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
+    if not branch or bool(rose):
+        if branch:
+            _tail(flat, saved).copy_(_tail(prev_v.flat, saved))
+            _tail(g.flat, lo).copy_(_tail(g_prev.flat, lo))
+            if vel is not None:  # a rejected step restarts the momentum
+                vel.zero_()
+        else:
+            torch.where(rose, _tail(prev_v.flat, saved), _tail(flat, saved), out=_tail(flat, saved))
+            torch.where(rose, _tail(g_prev.flat, lo), _tail(g.flat, lo), out=_tail(g.flat, lo))
+            if vel is not None:
+                vel.mul_((~rose).to(flat.dtype))
+        # quadratic φ(a) = E_old − a·pred + ½κa² through E_new at a = step
+        curv = (2 * (e - prev_e + step * pred) / step.pow(2)).clamp_min(tiny)
+        shrunk = torch.minimum(torch.maximum(fit * pred / curv, step * 1e-6), step * 0.5)
+        new_step = torch.where(rose, shrunk, step)
+        e = torch.where(rose, prev_e, e)
+        if parts is not None:
+            parts = torch.where(rose, prev_parts, parts)
+    else:
+        new_step = step
+    if late:  # a step that achieved 3/4 of its predicted decrease was safe: try twice as long
+        decrease = step * pred  # the one predicted; within rounding of E it tells nothing
+        good = ((prev_e - e) >= 0.75 * decrease) & (decrease > tol * prev_e.abs())
+        new_step = torch.where(good, new_step * 2, new_step)
+    return e, parts, new_step

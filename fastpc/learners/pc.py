@@ -14,7 +14,9 @@ its net (:mod:`fastpc.blocks`).
   (:mod:`fastpc.learners.compiled`) over the learner's own step core.
 
 A learner adds its energy's variables and gradient (a :class:`ChainRelaxation` subclass made by
-``_problem``). Batch norm: only the feedforward pass updates running statistics.
+``_problem``). Generative mode (``x=None``, spc and epc): the chain's input s_0 is free, the first
+variable; the initializer gives s_0 (``forward`` has no input to run: s_0 = 0, as ``zeros``), the
+hidden states start at the FF pass from it, and the energy adds the prior ½·prior·‖s_0‖². Batch norm: only the feedforward pass updates running statistics.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ..init import ForwardInit
 from ..nets import frozen_batchnorm_stats
 from . import compiled
 from .base import Equilibrium, Learner, StepResult, check_option
-from .descent import AfterStep, Descent, Relaxation, Stack, Workspace, minimize
+from .descent import AfterStep, Descent, Minimized, Relaxation, Stack, Workspace, minimize
 
 __all__ = ["NetOps", "Chain", "ChainRelaxation", "PCLearner", "StepCore"]
 
@@ -75,10 +77,13 @@ class Chain:
     """One batch on a net's ops: block k maps s_k to f_k(s_k) (s_0 = x); ``tapes[k]`` is its
     latest forward; ``calls`` counts forward / vjp / weight-grad calls per block."""
 
-    __slots__ = ("netops", "ops", "x", "tapes", "calls", "workspace")
+    __slots__ = ("netops", "ops", "x", "tapes", "calls", "workspace", "like")
 
-    def __init__(self, netops: NetOps, x: torch.Tensor, workspace: Workspace | None = None):
+    def __init__(self, netops: NetOps, x: torch.Tensor | None, workspace: Workspace | None = None,
+                 like: torch.Tensor | None = None):
+        """``x=None``: a free input (generative mode); ``like`` gives the stacks' dtype and device."""
         self.netops, self.ops, self.x, self.workspace = netops, netops.ops, x, workspace
+        self.like = x if like is None else like
         self.tapes: list[Tape] = [None] * len(self.ops)  # type: ignore[list-item]
         self.calls = [0] * (3 * len(self.ops))
 
@@ -99,9 +104,9 @@ class Chain:
         self.calls[3 * k + 2] += 1
         self.ops[k].weight_grads(self.tapes[k], g, scale)
 
-    def feedforward(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The FF pass: ([s_1, ..., s_{L-1}], output), every tape recorded."""
-        s = self.x
+    def feedforward(self, s: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The FF pass from s_0 = ``s`` (default x): ([s_1, ..., s_{L-1}], output), every tape recorded."""
+        s = self.x if s is None else s
         for k in range(len(self.ops)):
             s = self.forward(k, s).out
         return [t.out for t in self.tapes[:-1]], s
@@ -113,8 +118,8 @@ class Chain:
         """A stack for a relaxation's variables or errors: the workspace's unless it is busy."""
         ws = self.workspace
         if ws is None or ws.busy:
-            return Stack(shapes, self.x, zero)
-        return ws.stack(name, shapes, self.x, zero)
+            return Stack(shapes, self.like, zero)
+        return ws.stack(name, shapes, self.like, zero)
 
     def state_shapes(self) -> list[torch.Size]:
         """Shapes of s_1 .. s_{L-1} (after the FF pass)."""
@@ -135,6 +140,8 @@ class ChainRelaxation(Relaxation):
 
     err: Stack
     nz: int = 1
+    latent: torch.Tensor | None = None  # generative mode: the free s_0 (a view of v), with its prior
+    prior: float = 0.0
 
     def __init__(self, chain: Chain, target: torch.Tensor, loss: str, whole: bool):
         self.chain, self.target, self.loss, self.whole = chain, target, loss, whole
@@ -174,7 +181,8 @@ class ChainRelaxation(Relaxation):
 
     def energy(self) -> torch.Tensor:
         tail = self.err.flat[self.err.offsets[self.nz - 1]:]
-        return torch.dot(tail, tail).mul_(0.5).add_(self.cost())
+        e = torch.dot(tail, tail).mul_(0.5).add_(self.cost())
+        return e if self.latent is None else e.add_(E.latent_prior(self.latent, self.prior))
 
     def parts(self) -> torch.Tensor:
         # the cost as energy() left it, else computed aside (a trace does not change out_grad)
@@ -182,7 +190,8 @@ class ChainRelaxation(Relaxation):
         zero = self.output.new_zeros(())
         hidden = [torch.dot(e.view(-1), e.view(-1)) if i + 1 >= self.nz else zero
                   for i, e in enumerate(self.err.views)]
-        return torch.stack([*hidden, cost * 2.0]).mul_(0.5)
+        head = [] if self.latent is None else [E.latent_prior(self.latent, 2.0 * self.prior)]
+        return torch.stack([*head, *hidden, cost * 2.0]).mul_(0.5)
 
     def final_states(self) -> list[torch.Tensor]:
         """The states to hand out: tensors no later inference writes into."""
@@ -230,7 +239,8 @@ class PCLearner(Learner):
     last_flops: int | None = None  # matmul/conv FLOPs of the last step's block calls
 
     def __init__(self, net, loss, optimizer, init, init_options, *, iters: int, state_lr: float, momentum: float,
-                 safeguard: bool, armijo: float, fast: bool | str, compile: bool, state_optimizer: str = "sgd"):
+                 safeguard: bool, armijo: float, fast: bool | str, compile: bool, state_optimizer: str = "sgd",
+                 tol: float | None = None, armijo_steps: int = 20, prior: float = 1.0):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
         check_option(isinstance(iters, (int, float)) and int(iters) == iters and iters >= 0,
                      f"iters must be an integer >= 0, got {iters!r}")
@@ -242,6 +252,14 @@ class PCLearner(Learner):
         check_option(compile in (True, False), f"compile must be True or False, got {compile!r}")
         self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
         self.safeguard, self.armijo, self.state_optimizer = bool(safeguard), float(armijo), state_optimizer
+        check_option(tol is None or (isinstance(tol, (int, float)) and 0 <= tol < 1),
+                     f"tol must be a number in [0, 1) or None, got {tol!r}")
+        check_option(isinstance(armijo_steps, int) and armijo_steps >= 0,
+                     f"armijo_steps must be an integer >= 0, got {armijo_steps!r}")
+        self.tol, self.armijo_steps = (None if tol is None else float(tol)), int(armijo_steps)
+        check_option(isinstance(prior, (int, float)) and math.isfinite(prior) and prior >= 0,
+                     f"prior must be a finite number >= 0, got {prior!r}")
+        self.prior = float(prior)
         self.descent  # noqa: B018 - validates the combination
         self.fast, self.compile = fast, bool(compile)
         self._ops: dict[bool, NetOps] = {}
@@ -256,7 +274,8 @@ class PCLearner(Learner):
 
     @property
     def descent(self) -> Descent:
-        return Descent(self.iters, self.state_lr, self.momentum, self.state_optimizer, self.safeguard, self.armijo)
+        return Descent(self.iters, self.state_lr, self.momentum, self.state_optimizer, self.safeguard, self.armijo,
+                       self.tol, self.armijo_steps)
 
     @abc.abstractmethod
     def _problem(self, chain: Chain, states0: list[torch.Tensor], target: torch.Tensor, from_ff: bool,
@@ -298,8 +317,9 @@ class PCLearner(Learner):
     @property
     def uses_compiled_step(self) -> bool:
         """Whether ``step`` runs compiled: ``compile=True``, every block analytic, states from
-        the FF pass, options that allow it, and compiling has not failed."""
-        return (self.compile and self.compile_failed is None and type(self.init) is ForwardInit
+        the FF pass, no tolerance (it stops on a value), options that allow it, and compiling
+        has not failed."""
+        return (self.compile and self.compile_failed is None and type(self.init) is ForwardInit and self.tol is None
                 and self.uses_fast_path and self._compilable())
 
     # ---- the eager step ---------------------------------------------------------------------
@@ -311,6 +331,22 @@ class PCLearner(Learner):
         self._chain, self._last = chain, None
         return states, out
 
+    def _start(self, x, y):
+        if x is not None:
+            return super()._start(x, y)
+        self._check_input(None)
+        self._check_data(y)
+        shape = (y.shape[0], self.latent_size())
+        s0 = self.init([y.new_zeros(shape)], None, y)[0]
+        if tuple(s0.shape) != shape:
+            raise ValueError(f"init {self.init.name!r} gave a latent of shape {tuple(s0.shape)}; the net's latent "
+                             f"s_0 has shape {shape}")
+        chain = Chain(self._netops(), None, self._workspace, like=y)
+        with torch.no_grad():
+            states, out = chain.feedforward(s0)
+        self._chain, self._last = chain, None
+        return [s0, *states], out, self._check_target(y, out)
+
     def _relax(self, x, y, ff_states, out, trace, callback=None):
         after = None if callback is None else (lambda problem, t: callback(t, problem.states()))
         return self._run_relax(x, y, ff_states, out, trace, after)
@@ -321,19 +357,22 @@ class PCLearner(Learner):
         if chain is None or chain.x is not x:  # states given by a caller: a fresh FF pass
             ff_states, out = self._feedforward(x)
             chain = self._chain
-        from_ff = type(self.init) is ForwardInit  # its states are the FF states: no copy to make here
+        # its states are the FF states (generative: of the init's s_0): no copy to make here
+        from_ff = x is None or type(self.init) is ForwardInit
         states0 = ff_states if from_ff else self.init(ff_states, x, y)
         with self._frozen(chain.netops), torch.no_grad():
             problem = self._problem(chain, states0, E.dense_target(y, out), from_ff, False)
-            traces, iters = None, 0
+            res = Minimized(None, 0, None)
             if states0:
                 hook: AfterStep | None = None if after_step is None else (lambda t: after_step(problem, t))
-                traces, iters = minimize(problem, self.descent, trace, hook, workspace=self._workspace)
+                res = minimize(problem, self.descent, trace, hook, workspace=self._workspace)
             problem.forward()
             final = problem.parts()
-        layer_trace = torch.stack([*(traces or []), final]) if trace else None
-        eq = Equilibrium(states=problem.final_states(), output=problem.output, energy=final.sum(), iters=iters,
-                         trace=None if layer_trace is None else layer_trace.sum(1), layer_trace=layer_trace)
+        layer_trace = torch.stack([*(res.traces or []), final]) if trace else None
+        grad_trace = torch.stack(res.grad_norms) if trace and res.grad_norms else None
+        eq = Equilibrium(states=problem.final_states(), output=problem.output, energy=final.sum(), iters=res.iters,
+                         trace=None if layer_trace is None else layer_trace.sum(1), layer_trace=layer_trace,
+                         grad_trace=grad_trace)
         self._last = (eq, problem)
         return eq
 
@@ -376,7 +415,7 @@ class PCLearner(Learner):
                         grads, list(chain.calls))
 
     def step(self, x, y):
-        if self.optimizer is not None and self.uses_compiled_step:
+        if self.optimizer is not None and x is not None and self.uses_compiled_step:
             self._check_input(x)
             y = self._check_target(y, self._out_like(x))
             # one compiled graph per batch size costs a compile each: only the first batch's
@@ -442,4 +481,4 @@ class PCLearner(Learner):
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "iters": self.iters, "state_lr": self.state_lr, "momentum": self.momentum,
-                "safeguard": self.safeguard, "armijo": self.armijo}
+                "safeguard": self.safeguard, "armijo": self.armijo, "tol": self.tol, "armijo_steps": self.armijo_steps, "prior": self.prior}
