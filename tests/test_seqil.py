@@ -194,11 +194,27 @@ def test_soft_target_formula_and_large_beta_is_the_hard_target():
     ({"safeguard": True}, "safeguard"),
     ({"momentum": 0.5}, "momentum"),
     ({"state_optimizer": "adam"}, "adam"),
-    ({"tol": 1e-3}, "tol"),
 ])
 def test_sequential_rejects_options_it_does_not_take(kw, msg):
     with pytest.raises(ValueError, match=f"does not combine with.*{msg}"):
         _seq(_mlp(), **kw)
+
+
+def test_tol_stops_the_sweeps_and_reports_them():
+    """The sweeps stop at the first one whose gradient norm is ≤ tol × the first one's (its
+    steps γ/(1+t) shrink, so SeqIL approaches its equilibrium slowly: a loose tol here), and
+    the same learner capped there ends at the same states."""
+    net = _mlp()
+    x, y = _batch()
+    lrn = _seq(net, iters=500, state_lr=0.5, tol=0.2)
+    eq = lrn.infer(x, y, trace=True)
+    assert 1 < eq.iters < 500
+    norms = eq.grad_trace
+    assert norms.shape == (eq.iters + 1,)
+    assert norms[eq.iters - 1] <= 0.2 * norms[0] < norms[eq.iters - 2]
+    plain = _seq(net, iters=eq.iters, state_lr=0.5).infer(x, y)
+    for a, b in zip(eq.states, plain.states):
+        assert torch.equal(a, b)  # the same sweeps, one code path
 
 
 @pytest.mark.parametrize("kw,msg", [

@@ -90,10 +90,13 @@ class SequentialRelaxation(ChainRelaxation):
             chain.vjp_into(i, g, out.views[i - 1], eps[i - 1], sign)
         return 0
 
-    def sweep(self, gamma: float) -> None:
-        """One top-down sweep with step ``gamma``, then the soft target at the new output."""
+    def sweep(self, gamma: float, measure: bool = False) -> torch.Tensor | None:
+        """One top-down sweep with step ``gamma``, then the soft target at the new output.
+        ``measure``: return ‖g‖ over the sweep, g the per-layer gradients it stepped along (each
+        at the Gauss–Seidel point the sweep had reached)."""
         self.forward()
         chain, s, eps, g, L = self.chain, self.s, self.err.views, self.step_buf.views, self.L
+        sq = None
         for i in range(L - 1, 0, -1):  # hidden layer i is views[i - 1]; block i maps s_i to s_{i+1}
             if i == L - 1:
                 top, sign = self.out_grad(), 1.0
@@ -101,12 +104,16 @@ class SequentialRelaxation(ChainRelaxation):
                 top, sign = torch.sub(s[i], chain.tapes[i].out, out=eps[i]), -1.0
             torch.sub(s[i - 1], chain.tapes[i - 1].out, out=eps[i - 1])  # ε_i, from the old s_{i-1}
             chain.vjp_into(i, top, g[i - 1], eps[i - 1], sign)  # ∇_{s_i}E here
+            if measure:
+                gi = g[i - 1].reshape(-1)
+                sq = torch.dot(gi, gi) if sq is None else sq.add_(torch.dot(gi, gi))
             s[i - 1].add_(g[i - 1], alpha=-gamma)
             chain.forward(i, s[i - 1])  # the new prediction of s_{i+1} (the output when i = L - 1)
         self.errors_stale = True
         self._output_changed()
         if self.beta is not None:
             self.target = soft_target(self.hard, self.output, self.beta)
+        return None if sq is None else sq.sqrt_()
 
     def states(self) -> list[torch.Tensor]:
         return list(self.s)
@@ -116,21 +123,31 @@ class SequentialRelaxation(ChainRelaxation):
 
 
 def sweeps(problem: SequentialRelaxation, iters: int, lr: float, trace: bool = False,
-           after_step: Callable[[int], bool | None] | None = None) -> Equilibrium:
+           after_step: Callable[[int], bool | None] | None = None, tol: float | None = None) -> Equilibrium:
     """``iters`` sweeps of ``problem`` with steps lr / (1 + t), t = 0, 1, ...; ``after_step(t)``
-    runs after sweep t (1-based) with the problem forwarded, returning True stops. Returns the
+    runs after sweep t (1-based) with the problem forwarded, returning True stops. ``tol``:
+    stop after the first sweep whose gradient norm (:meth:`SequentialRelaxation.sweep`) is
+    ≤ tol × the first sweep's (``iters`` is the cap). Returns the
     :class:`~fastpc.learners.base.Equilibrium` (``trace``: per-layer energies before every
-    sweep and at the end)."""
+    sweep and at the end, and each sweep's gradient norm with the simultaneous ‖∇E‖ at the
+    end as ``grad_trace``)."""
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     traces: list[torch.Tensor] = []
-    t_run = 0
+    norms: list[torch.Tensor] = []
+    t_run, first = 0, None
     for t in range(iters if problem.L > 1 else 0):
         problem.forward()
         if trace:
             traces.append(problem.parts())
-        problem.sweep(lr / (1 + t))
+        gn = problem.sweep(lr / (1 + t), measure=trace or tol is not None)
         t_run = t + 1
+        if gn is not None:
+            norms.append(gn)
+            if tol is not None:
+                first = gn.item() if first is None else first
+                if gn.item() <= tol * first:
+                    break
         if after_step is not None:
             problem.forward()
             if after_step(t + 1) is True:
@@ -138,5 +155,9 @@ def sweeps(problem: SequentialRelaxation, iters: int, lr: float, trace: bool = F
     problem.forward()
     final = problem.parts()
     layers = torch.stack([*traces, final]) if trace else None
+    grad_trace = None
+    if trace:  # the simultaneous ‖∇E‖ where the sweeps ended
+        problem.grad(problem.step_buf)
+        grad_trace = torch.stack([*norms, torch.linalg.vector_norm(problem.step_buf.flat)])
     return Equilibrium(states=problem.final_states(), output=problem.output, energy=final.sum(), iters=t_run,
-                       trace=None if layers is None else layers.sum(1), layer_trace=layers)
+                       trace=None if layers is None else layers.sum(1), layer_trace=layers, grad_trace=grad_trace)

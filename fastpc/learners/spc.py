@@ -110,7 +110,8 @@ class SPC(PCLearner):
     ``schedule="sequential"`` is SeqIL (PAPERS.md §4, :mod:`fastpc.learners.sequential`):
     ``iters`` top-down sweeps with steps state_lr/(1+t), always eager; ``beta`` soft-clamps
     the target (m = 1/(1+β)), for the sweeps and the weight update. It takes none of momentum,
-    state_optimizer='adam', safeguard, tol, incremental (``ValueError``).
+    state_optimizer='adam', safeguard, incremental (``ValueError``); ``tol`` stops the sweeps once
+    a sweep's gradient norm is ≤ tol × the first sweep's.
     Generative mode (``step(None, images)``, schedule 'simultaneous'): the latent s_0 is one more
     state, with the prior ½·``prior``·‖s_0‖² (default 1: E is then −log p(y, s) of a model with
     s_0 ~ N(0, I) and unit-variance Gaussian layers, and inference its MAP estimate; 0: none).
@@ -159,10 +160,10 @@ class SPC(PCLearner):
             check_option(b is None, "beta (the soft-clamped target) applies with schedule='sequential' only")
             return
         clash = [name for name, on in (("incremental", self.incremental), ("safeguard", self.safeguard),
-                                       ("momentum", self.momentum != 0), ("tol", self.tol is not None),
+                                       ("momentum", self.momentum != 0),
                                        ("state_optimizer='adam'", self.state_optimizer != "sgd")) if on]
         check_option(not clash, f"schedule='sequential' takes plain sweeps with steps state_lr/(1+t); it does not "
-                     f"combine with {', '.join(clash)} (its options: iters, state_lr, beta, init, fast)")
+                     f"combine with {', '.join(clash)} (its options: iters, state_lr, beta, tol, init, fast)")
 
     def smm(self, iters):
         """2 per inference step (every prediction μ_i = f_i(s_{i−1}) at once, then every
@@ -196,7 +197,7 @@ class SPC(PCLearner):
         with self._frozen(chain.netops), torch.no_grad():
             problem = self._problem(chain, states0, E.dense_target(y, out), from_ff, False)
             hook = None if after_step is None else (lambda t: after_step(problem, t))
-            eq = sweeps(problem, self.iters, self.state_lr, trace, hook)
+            eq = sweeps(problem, self.iters, self.state_lr, trace, hook, self.tol)
         self._last = (eq, problem)
         return eq
 
