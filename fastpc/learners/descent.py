@@ -18,7 +18,9 @@ the largest step that quadratic accepts, η·κ = 2(1 − armijo), at most its m
 force for the rest of the batch. With ``armijo`` near 1 every step is far below 1/κ: after T
 steps η·κ·T ≲ 2T(1 − armijo), the regime in which one ePC update is η·T × the BP gradient
 (PAPERS.md §2) even where the deep Jacobian has grown large. The last step must pass the same
-test.
+test. On the CPU the accept/reject test branches on the host (an accepted step restores
+nothing); elsewhere, and for code ``torch.compile`` traces (``sync_free``), it selects with
+``torch.where`` and never synchronises.
 
 Only the first ``armijo_steps`` steps answer to ``armijo``: after them the test asks only that
 E not rise, and a step that achieved at least 3/4 of the decrease its gradient predicted
@@ -30,9 +32,8 @@ short one (T ≤ ``armijo_steps``, the regime of the depth table) runs exactly a
 ``tol``: inference stops when the gradient norm has fallen to ``tol`` × its value at the first
 step (‖∇_v E‖ ≤ tol·‖∇_v E⁰‖), ``iters`` being the cap; the steps run are reported. With
 ``trace`` the loop also returns ‖∇_v E‖ before every step and at the end, the distance to
-equilibrium. On the CPU the accept/reject test branches on the host (an accepted step restores
-nothing); elsewhere, and for code ``torch.compile`` traces (``sync_free``), it selects with
-``torch.where`` and never synchronises.
+equilibrium. On an energy that is not smooth at its minimum (ReLU units at their kink)
+‖∇E‖ need not fall below tol; ``iters`` then decides.
 """
 
 from __future__ import annotations
