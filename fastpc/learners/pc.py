@@ -365,7 +365,7 @@ class PCLearner(Learner):
             res = Minimized(None, 0, None)
             if states0:
                 hook: AfterStep | None = None if after_step is None else (lambda t: after_step(problem, t))
-                res = minimize(problem, self.descent, trace, hook, workspace=self._workspace)
+                res = self._infer_on(problem, trace, hook)
             problem.forward()
             final = problem.parts()
         layer_trace = torch.stack([*(res.traces or []), final]) if trace else None
@@ -375,6 +375,11 @@ class PCLearner(Learner):
                          grad_trace=grad_trace)
         self._last = (eq, problem)
         return eq
+
+    def _infer_on(self, problem: ChainRelaxation, trace: bool, after_step: AfterStep | None) -> Minimized:
+        """Inference on ``problem`` (the learner's relaxation): :func:`minimize` with the
+        learner's :class:`Descent`; a learner with another schedule (SeqIL) overrides it."""
+        return minimize(problem, self.descent, trace, after_step, workspace=self._workspace)
 
     def _weight_grads(self, x, y, eq):
         if self._last is None or self._last[0] is not eq:

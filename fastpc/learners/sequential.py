@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from .. import energy as E
-from .base import Equilibrium
+from .descent import Minimized
 from .pc import Chain, ChainRelaxation
 
 __all__ = ["SequentialRelaxation", "soft_target", "sweeps"]
@@ -123,14 +123,14 @@ class SequentialRelaxation(ChainRelaxation):
 
 
 def sweeps(problem: SequentialRelaxation, iters: int, lr: float, trace: bool = False,
-           after_step: Callable[[int], bool | None] | None = None, tol: float | None = None) -> Equilibrium:
+           after_step: Callable[[int], bool | None] | None = None, tol: float | None = None) -> Minimized:
     """``iters`` sweeps of ``problem`` with steps lr / (1 + t), t = 0, 1, ...; ``after_step(t)``
     runs after sweep t (1-based) with the problem forwarded, returning True stops. ``tol``:
     stop after the first sweep whose gradient norm (:meth:`SequentialRelaxation.sweep`) is
-    ≤ tol × the first sweep's (``iters`` is the cap). Returns the
-    :class:`~fastpc.learners.base.Equilibrium` (``trace``: per-layer energies before every
-    sweep and at the end, and each sweep's gradient norm with the simultaneous ‖∇E‖ at the
-    end as ``grad_trace``)."""
+    ≤ tol × the first sweep's (``iters`` is the cap). Returns what
+    :func:`~fastpc.learners.descent.minimize` returns (``trace``: per-layer energies before
+    every sweep, and each sweep's gradient norm with the simultaneous ‖∇E‖ where the sweeps
+    ended); the problem is left forwarded."""
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     traces: list[torch.Tensor] = []
@@ -153,11 +153,7 @@ def sweeps(problem: SequentialRelaxation, iters: int, lr: float, trace: bool = F
             if after_step(t + 1) is True:
                 break
     problem.forward()
-    final = problem.parts()
-    layers = torch.stack([*traces, final]) if trace else None
-    grad_trace = None
-    if trace:  # the simultaneous ‖∇E‖ where the sweeps ended
-        problem.grad(problem.step_buf)
-        grad_trace = torch.stack([*norms, torch.linalg.vector_norm(problem.step_buf.flat)])
-    return Equilibrium(states=problem.final_states(), output=problem.output, energy=final.sum(), iters=t_run,
-                       trace=None if layers is None else layers.sum(1), layer_trace=layers, grad_trace=grad_trace)
+    if not trace:
+        return Minimized(None, t_run, None)
+    problem.grad(problem.step_buf)  # the simultaneous ‖∇E‖ where the sweeps ended
+    return Minimized(traces, t_run, [*norms, torch.linalg.vector_norm(problem.step_buf.flat)])

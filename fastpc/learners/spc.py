@@ -6,8 +6,6 @@ import math
 
 import torch
 
-from .. import energy as E
-from ..init import ForwardInit
 from .base import check_option
 from .descent import Stack
 from .pc import Chain, ChainRelaxation, PCLearner
@@ -185,21 +183,10 @@ class SPC(PCLearner):
             return SequentialRelaxation(chain, states0, target, self.loss, from_ff, self.beta)
         return _SPCRelaxation(chain, states0, target, self.loss, from_ff, whole, self.prior)
 
-    def _run_relax(self, x, y, ff_states, out, trace, after_step=None):
-        if self.schedule == "simultaneous":
-            return super()._run_relax(x, y, ff_states, out, trace, after_step)
-        chain = self._chain  # SeqIL: the sweeps of fastpc.learners.sequential instead of minimize
-        if chain is None or chain.x is not x:
-            ff_states, out = self._feedforward(x)
-            chain = self._chain
-        from_ff = type(self.init) is ForwardInit
-        states0 = ff_states if from_ff else self.init(ff_states, x, y)
-        with self._frozen(chain.netops), torch.no_grad():
-            problem = self._problem(chain, states0, E.dense_target(y, out), from_ff, False)
-            hook = None if after_step is None else (lambda t: after_step(problem, t))
-            eq = sweeps(problem, self.iters, self.state_lr, trace, hook, self.tol)
-        self._last = (eq, problem)
-        return eq
+    def _infer_on(self, problem, trace, after_step):
+        if self.schedule == "sequential":  # SeqIL: top-down sweeps instead of minimize
+            return sweeps(problem, self.iters, self.state_lr, trace, after_step, self.tol)
+        return super()._infer_on(problem, trace, after_step)
 
     def step(self, x, y):
         if not self.incremental:
