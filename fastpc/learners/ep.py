@@ -36,7 +36,6 @@ nudge has not reached: from the FF state a layer can only move once a neighbour 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -47,9 +46,8 @@ from torch import nn
 
 from .. import energy as E
 from ..blocks import Tape, preactivation_split
-from ..nets import frozen_batchnorm_stats
-from .base import Equilibrium, Learner, check_option
-from .pc import Chain, NetOps
+from .base import Equilibrium, check_option
+from .pc import Chain, ChainLearner
 from .registry import register_learner
 
 __all__ = ["EP", "EQUILIBRATIONS", "ESTIMATORS", "PROJECTIONS"]
@@ -95,22 +93,21 @@ class Phase:
 
 
 @register_learner("ep")
-class EP(Learner):
+class EP(ChainLearner):
     """Equilibrium propagation (see the module docstring). ``beta`` ≥ 0 (≤ 1 for clamp);
     ``estimator`` and ``equilibration`` as above (``equilibration=None``: mod_pgd when every
     block allows it, else gd); ``iters`` = K; ``state_lr``: gd's step; ``synchronous``: every
-    layer updates at once (None: True for gd, False otherwise); ``fast`` as for sPC/ePC.
+    layer updates at once (None: True for gd, False otherwise); ``fast``: see
+    :class:`~fastpc.learners.pc.ChainLearner`.
     ``init`` must be ``"forward"``: every phase starts from the free equilibrium, the FF state.
     No compiled step (each sweep's layer set changes with the iteration)."""
-
-    last_flops: int | None = None  # matmul/conv FLOPs of the last step's block calls
 
     def __init__(self, net, loss="mse", optimizer=None, init="forward", init_options=None, iters: int = 5,
                  beta: float = 0.02, estimator: str = "centered", equilibration: str | None = None,
                  state_lr: float = 0.1, synchronous: bool | None = None, fast: bool | str = "auto"):
         check_option(init == "forward", f"ep starts every phase from the free equilibrium, the FF state: init "
                      f"must be 'forward', got {init!r}")
-        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
+        super().__init__(net, loss, optimizer, init, init_options, fast)
         check_option(isinstance(iters, (int, float)) and int(iters) == iters and iters >= 0,
                      f"iters must be an integer >= 0, got {iters!r}")
         check_option(estimator in ESTIMATORS, f"unknown estimator {estimator!r}; expected one of {list(ESTIMATORS)}")
@@ -122,21 +119,14 @@ class EP(Learner):
         check_option(isinstance(state_lr, (int, float)) and math.isfinite(state_lr) and state_lr > 0,
                      f"state_lr must be a finite number > 0, got {state_lr!r}")
         check_option(synchronous in (None, True, False), f"synchronous must be True, False or None, got {synchronous!r}")
-        check_option(fast in (True, False, "auto"), f"fast must be True, False or 'auto', got {fast!r}")
         why = closed_form_unsupported(net.blocks)
         if equilibration is None:
             equilibration = "mod_pgd" if why is None else "gd"
         check_option(equilibration == "gd" or why is None,
                      f"ep with equilibration {equilibration!r}: {why}; equilibration 'gd' runs on any block")
         self.iters, self.beta, self.estimator, self.equilibration = int(iters), float(beta), estimator, equilibration
-        self.state_lr, self.fast = float(state_lr), fast
+        self.state_lr = float(state_lr)
         self.synchronous = (equilibration == "gd") if synchronous is None else bool(synchronous)
-        self._netops_cache: NetOps | None = None
-        self._chain: Chain | None = None
-        self._last: tuple[Equilibrium, list[Phase]] | None = None
-        if fast is True and not self._netops().analytic:
-            raise ValueError(f"fast=True but {', '.join(self._netops().fallbacks())} have no analytic ops; "
-                             "use fast='auto'")
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "iters": self.iters, "beta": self.beta, "estimator": self.estimator,
@@ -147,24 +137,7 @@ class EP(Learner):
         """The random estimator's signs s_b = ±1, shape (B,) (torch's global generator)."""
         return torch.randint(0, 2, (B,), device=like.device).to(like.dtype).mul_(2).sub_(1)
 
-    # ---- the FF pass and the phases -----------------------------------------------------------
-    def _netops(self) -> NetOps:
-        ops = self._netops_cache
-        if ops is None or ops.block_ids != tuple(id(b) for b in self.net.blocks):
-            ops = self._netops_cache = NetOps(self.net.blocks, self.fast)
-        return ops
-
-    def _frozen(self, netops: NetOps) -> contextlib.AbstractContextManager:
-        return frozen_batchnorm_stats(self.net) if netops.has_batchnorm else contextlib.nullcontext()
-
-    def _feedforward(self, x):
-        self._check_input(x)
-        chain = Chain(self._netops(), x)
-        with torch.no_grad():
-            states, out = self._fitting(x, lambda x: chain.feedforward())
-        self._chain, self._last = chain, None
-        return states, out
-
+    # ---- the phases ------------------------------------------------------------------------------
     def _phases(self, B: int, like: torch.Tensor) -> list[tuple[str, torch.Tensor | float, torch.Tensor | float]]:
         """(name, nudge w, coefficient) per phase; β = 0 gives coefficient 0 (zero gradients)."""
         b, inv = self.beta, (1.0 / self.beta if self.beta > 0 else 0.0)
@@ -293,10 +266,8 @@ class EP(Learner):
                     else:
                         chain.weight_grads(k, e, -p.coef / B)
                     touched.add(k)
-            for k, params in enumerate(chain.netops.block_params):
+            for k in range(len(chain.ops)):
                 if k not in touched:  # the nudge never reached block k: its gradient is exactly zero
-                    for q in params:
-                        if q.requires_grad and q.grad is None:
-                            q.grad = torch.zeros_like(q)
+                    chain.zero_weight_grads(k)
         self.last_flops = chain.netops.flops(chain.calls, chain.in_shapes())
         self._chain = self._last = None

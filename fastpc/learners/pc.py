@@ -38,7 +38,7 @@ from . import compiled
 from .base import Equilibrium, Learner, StepResult, check_option
 from .descent import AfterStep, Descent, Minimized, Relaxation, Stack, Workspace, minimize
 
-__all__ = ["NetOps", "Chain", "ChainRelaxation", "PCLearner", "StepCore"]
+__all__ = ["NetOps", "Chain", "ChainRelaxation", "ChainLearner", "PCLearner", "StepCore"]
 
 
 class NetOps:
@@ -104,6 +104,12 @@ class Chain:
         self.calls[3 * k + 2] += 1
         self.ops[k].weight_grads(self.tapes[k], g, scale)
 
+    def zero_weight_grads(self, k: int) -> None:
+        """Block k's gradient where its error is exactly zero: zeros (autograd's), no product."""
+        for p in self.netops.block_params[k]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+
     def feedforward(self, s: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The FF pass from s_0 = ``s`` (default x): ([s_1, ..., s_{L-1}], output), every tape recorded."""
         s = self.x if s is None else s
@@ -124,13 +130,6 @@ class Chain:
     def state_shapes(self) -> list[torch.Size]:
         """Shapes of s_1 .. s_{L-1} (after the FF pass)."""
         return [t.out.shape for t in self.tapes[:-1]]
-
-
-def _zero_grads(params: list[torch.Tensor]) -> None:
-    """The gradient of a block whose error is exactly zero: zeros (autograd's), no product."""
-    for p in params:
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
 
 
 class ChainRelaxation(Relaxation):
@@ -204,7 +203,7 @@ class ChainRelaxation(Relaxation):
         chain = self.chain
         for k in range(self.L - 1):
             if k + 1 < self.nz:
-                _zero_grads(chain.netops.block_params[k])
+                chain.zero_weight_grads(k)
             else:
                 chain.weight_grads(k, self.err.views[k], -scale)
         chain.weight_grads(self.L - 1, self.out_grad(), scale)
@@ -223,70 +222,30 @@ class StepCore(NamedTuple):
     calls: list[int]
 
 
-class PCLearner(Learner):
-    """Base of the learners that relax an energy of the states by gradient descent and then
-    apply the local weight update (sPC, ePC).
+class ChainLearner(Learner):
+    """Base of the learners whose inference runs on the block operations of their net (sPC,
+    ePC, EP): the ops made once per net, the feedforward pass on them (its tapes seed
+    inference), batch-norm statistics frozen around inference and the update.
 
     ``fast``: ``"auto"`` (default) runs every block on its analytic ops where it has them and on
     the autograd fallback elsewhere; ``True`` requires analytic ops for every block
     (``ValueError`` naming the blocks otherwise); ``False`` runs every block on the autograd
     fallback (the reference). The same inference loop runs either way.
-    ``compile=True``: ``step`` runs :meth:`_step_core` as one compiled graph when every block has
-    analytic ops and the states start from the FF pass, for batches of the first batch's size.
     """
 
-    compile_failed: str | None = None  # why the compiled step was given up (then eager)
     last_flops: int | None = None  # matmul/conv FLOPs of the last step's block calls
 
-    def __init__(self, net, loss, optimizer, init, init_options, *, iters: int, state_lr: float, momentum: float,
-                 safeguard: bool, armijo: float, fast: bool | str, compile: bool, state_optimizer: str = "sgd",
-                 tol: float | None = None, armijo_steps: int = 20, prior: float = 1.0):
+    def __init__(self, net, loss, optimizer, init, init_options, fast: bool | str):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
-        check_option(isinstance(iters, (int, float)) and int(iters) == iters and iters >= 0,
-                     f"iters must be an integer >= 0, got {iters!r}")
-        check_option(isinstance(state_lr, (int, float)) and math.isfinite(state_lr) and state_lr > 0,
-                     f"state_lr must be a finite number > 0, got {state_lr!r}")
-        check_option(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
-        check_option(0 <= armijo < 1, f"armijo must be in [0, 1), got {armijo}")
         check_option(fast in (True, False, "auto"), f"fast must be True, False or 'auto', got {fast!r}")
-        check_option(compile in (True, False), f"compile must be True or False, got {compile!r}")
-        self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
-        self.safeguard, self.armijo, self.state_optimizer = bool(safeguard), float(armijo), state_optimizer
-        check_option(tol is None or (isinstance(tol, (int, float)) and 0 <= tol < 1),
-                     f"tol must be a number in [0, 1) or None, got {tol!r}")
-        check_option(isinstance(armijo_steps, int) and armijo_steps >= 0,
-                     f"armijo_steps must be an integer >= 0, got {armijo_steps!r}")
-        self.tol, self.armijo_steps = (None if tol is None else float(tol)), int(armijo_steps)
-        check_option(isinstance(prior, (int, float)) and math.isfinite(prior) and prior >= 0,
-                     f"prior must be a finite number >= 0, got {prior!r}")
-        self.prior = float(prior)
-        self.descent  # noqa: B018 - validates the combination
-        self.fast, self.compile = fast, bool(compile)
+        self.fast = fast
         self._ops: dict[bool, NetOps] = {}
         self._chain: Chain | None = None  # the batch of the last feedforward pass
-        self._last: tuple[Equilibrium, ChainRelaxation] | None = None  # the last relax
-        self._compiled: tuple | None = None  # (key, compiled core, its NetOps)
-        self._compiled_batch: int | None = None
-        self._out_shapes: dict[torch.Size, torch.Size] = {}
+        self._last: tuple[Equilibrium, Any] | None = None  # the last relax and what the update needs of it
         self._workspace = Workspace()  # inference's scratch buffers, reused from batch to batch
         if fast is True and (why := self.fast_unsupported()) is not None:
             raise ValueError(f"fast=True but {why}; use fast='auto' to run those blocks on the autograd fallback")
 
-    @property
-    def descent(self) -> Descent:
-        return Descent(self.iters, self.state_lr, self.momentum, self.state_optimizer, self.safeguard, self.armijo,
-                       self.tol, self.armijo_steps)
-
-    @abc.abstractmethod
-    def _problem(self, chain: Chain, states0: list[torch.Tensor], target: torch.Tensor, from_ff: bool,
-                 whole: bool) -> ChainRelaxation:
-        """The learner's energy on ``chain`` (after its FF pass), from ``states0`` (``from_ff``:
-        they are the FF states, bit for bit)."""
-
-    def _weight_scale(self, B: int) -> float:
-        return 1.0 / B
-
-    # ---- which ops ----------------------------------------------------------------------
     def _netops(self, plain: bool = False) -> NetOps:
         ops = self._ops.get(plain)
         if ops is None or ops.block_ids != tuple(id(b) for b in self.net.blocks):
@@ -310,6 +269,65 @@ class PCLearner(Learner):
         """Whether every block runs on its analytic ops."""
         return self.fast is not False and self._netops().analytic
 
+    def _feedforward(self, x):
+        self._check_input(x)
+        chain = Chain(self._netops(), x, self._workspace)
+        with torch.no_grad():
+            states, out = self._fitting(x, lambda x: chain.feedforward())
+        self._chain, self._last = chain, None
+        return states, out
+
+
+class PCLearner(ChainLearner):
+    """Base of the learners that relax an energy of the states by gradient descent and then
+    apply the local weight update (sPC, ePC). ``fast``: see :class:`ChainLearner`.
+    ``compile=True``: ``step`` runs :meth:`_step_core` as one compiled graph when every block has
+    analytic ops and the states start from the FF pass, for batches of the first batch's size.
+    """
+
+    compile_failed: str | None = None  # why the compiled step was given up (then eager)
+
+    def __init__(self, net, loss, optimizer, init, init_options, *, iters: int, state_lr: float, momentum: float,
+                 safeguard: bool, armijo: float, fast: bool | str, compile: bool, state_optimizer: str = "sgd",
+                 tol: float | None = None, armijo_steps: int = 20, prior: float = 1.0):
+        super().__init__(net, loss, optimizer, init, init_options, fast)
+        check_option(isinstance(iters, (int, float)) and int(iters) == iters and iters >= 0,
+                     f"iters must be an integer >= 0, got {iters!r}")
+        check_option(isinstance(state_lr, (int, float)) and math.isfinite(state_lr) and state_lr > 0,
+                     f"state_lr must be a finite number > 0, got {state_lr!r}")
+        check_option(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        check_option(0 <= armijo < 1, f"armijo must be in [0, 1), got {armijo}")
+        check_option(compile in (True, False), f"compile must be True or False, got {compile!r}")
+        self.iters, self.state_lr, self.momentum = int(iters), float(state_lr), float(momentum)
+        self.safeguard, self.armijo, self.state_optimizer = bool(safeguard), float(armijo), state_optimizer
+        check_option(tol is None or (isinstance(tol, (int, float)) and 0 <= tol < 1),
+                     f"tol must be a number in [0, 1) or None, got {tol!r}")
+        check_option(isinstance(armijo_steps, int) and armijo_steps >= 0,
+                     f"armijo_steps must be an integer >= 0, got {armijo_steps!r}")
+        self.tol, self.armijo_steps = (None if tol is None else float(tol)), int(armijo_steps)
+        check_option(isinstance(prior, (int, float)) and math.isfinite(prior) and prior >= 0,
+                     f"prior must be a finite number >= 0, got {prior!r}")
+        self.prior = float(prior)
+        self.descent  # noqa: B018 - validates the combination
+        self.compile = bool(compile)
+        self._compiled: tuple | None = None  # (key, compiled core, its NetOps)
+        self._compiled_batch: int | None = None
+        self._out_shapes: dict[torch.Size, torch.Size] = {}
+
+    @property
+    def descent(self) -> Descent:
+        return Descent(self.iters, self.state_lr, self.momentum, self.state_optimizer, self.safeguard, self.armijo,
+                       self.tol, self.armijo_steps)
+
+    @abc.abstractmethod
+    def _problem(self, chain: Chain, states0: list[torch.Tensor], target: torch.Tensor, from_ff: bool,
+                 whole: bool) -> ChainRelaxation:
+        """The learner's energy on ``chain`` (after its FF pass), from ``states0`` (``from_ff``:
+        they are the FF states, bit for bit)."""
+
+    def _weight_scale(self, B: int) -> float:
+        return 1.0 / B
+
     def _compilable(self) -> bool:
         """Whether this learner's options allow the compiled step."""
         return True
@@ -323,14 +341,6 @@ class PCLearner(Learner):
                 and self.uses_fast_path and self._compilable())
 
     # ---- the eager step ---------------------------------------------------------------------
-    def _feedforward(self, x):
-        self._check_input(x)
-        chain = Chain(self._netops(), x, self._workspace)
-        with torch.no_grad():
-            states, out = self._fitting(x, lambda x: chain.feedforward())
-        self._chain, self._last = chain, None
-        return states, out
-
     def _start(self, x, y):
         if x is not None:
             return super()._start(x, y)
