@@ -30,7 +30,7 @@ import torch
 import fastpc as fpc
 
 from ..runtime import flush_denormals
-from .suite import begin, machine
+from .suite import begin, fmnist, machine
 
 __all__ = ["VARIANTS", "Variant", "CellResult", "add_arguments", "run", "train_cell", "summarize"]
 
@@ -229,16 +229,14 @@ def _apply_quick(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastpc.data import make_loaders
-
     _apply_regime(args)
     if args.quick:
         _apply_quick(args)
     with flush_denormals():
-        return _run(args, make_loaders)
+        return _run(args)
 
 
-def _run(args: argparse.Namespace, make_loaders) -> int:
+def _run(args: argparse.Namespace) -> int:
     out, command = begin(args, "depth")
     started = time.time()
 
@@ -247,13 +245,7 @@ def _run(args: argparse.Namespace, make_loaders) -> int:
 
     cells: list[CellResult] = []
     for seed in args.seeds:
-        loaders = make_loaders("fashion-mnist", batch_size=args.batch_size, seed=seed, root=args.data_root,
-                               eval_batch_size=1000)
-        if args.train_subset:
-            from fastpc.data import BatchLoader
-            tr = loaders.train
-            loaders = loaders._replace(train=BatchLoader(tr.x[: args.train_subset], tr.y[: args.train_subset],
-                                                         args.batch_size, seed, shuffle=True))
+        loaders = fmnist(args, seed, args.train_subset)
         for depth in args.depths:
             for name in args.learners:
                 cells.append(train_cell(VARIANTS[name], depth, seed, loaders, args.epochs, args.width,

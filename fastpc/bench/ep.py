@@ -34,7 +34,7 @@ import torch
 import fastpc as fpc
 
 from ..runtime import flush_denormals
-from .suite import begin
+from .suite import begin, fmnist
 
 __all__ = ["METHODS", "add_arguments", "claims", "run", "train_cell"]
 
@@ -77,15 +77,7 @@ def _quick(args: argparse.Namespace) -> None:
 
 
 def _loaders(args, seed: int):
-    from fastpc.data import BatchLoader, make_loaders
-
-    ld = make_loaders("fashion-mnist", batch_size=args.batch_size, seed=seed, root=args.data_root,
-                      eval_batch_size=1000, augment=False)
-    tr, te = ld.train, ld.test
-    train = BatchLoader(tr.x[: args.train_subset], tr.y[: args.train_subset], args.batch_size, seed, shuffle=True)
-    if args.test_subset:
-        te = BatchLoader(te.x[: args.test_subset], te.y[: args.test_subset], 1000, seed, shuffle=False)
-    return ld._replace(train=train, test=te)
+    return fmnist(args, seed, args.train_subset, args.test_subset)
 
 
 def _net(args, seed: int):

@@ -33,7 +33,7 @@ from fastpc import diagnostics as D
 from fastpc import energy as E
 from fastpc.optim import MQ
 
-from .suite import begin, machine
+from .suite import begin, fmnist, machine
 
 __all__ = [
     "OPTIMIZER_VARIANTS",
@@ -349,15 +349,7 @@ def _variants(overrides: list[str]) -> dict[str, tuple[Variant, ...]]:
 
 
 def _loaders(args, seed: int, n_train: int):
-    from fastpc.data import BatchLoader, make_loaders
-
-    ld = make_loaders("fashion-mnist", batch_size=args.batch_size, seed=seed, root=args.data_root,
-                      eval_batch_size=1000)
-    tr, te = ld.train, ld.test
-    train = BatchLoader(tr.x[:n_train], tr.y[:n_train], args.batch_size, seed, shuffle=True)
-    if args.test_subset:
-        te = BatchLoader(te.x[: args.test_subset], te.y[: args.test_subset], 1000, seed, shuffle=False)
-    return ld._replace(train=train, test=te)
+    return fmnist(args, seed, n_train, args.test_subset)
 
 
 def _table(rows, part: str) -> str:

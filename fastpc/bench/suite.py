@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["machine", "begin"]
+__all__ = ["machine", "begin", "fmnist"]
 
 
 def machine() -> str:
@@ -29,3 +29,19 @@ def begin(args: argparse.Namespace, suite: str) -> tuple[Path, str]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return out, shlex.join(["fastpc", "bench", suite, *getattr(args, "argv", sys.argv[3:])])
+
+
+def fmnist(args: argparse.Namespace, seed: int, n_train: int | None = None, n_test: int | None = None):
+    """Fashion-MNIST loaders (``args.batch_size``, ``args.data_root``, no augmentation) with the
+    training set cut to its first ``n_train`` examples (shuffled by ``seed``) and the test set
+    to its first ``n_test``; None keeps a split whole."""
+    from fastpc.data import BatchLoader, make_loaders
+
+    ld = make_loaders("fashion-mnist", batch_size=args.batch_size, seed=seed, root=args.data_root,
+                      eval_batch_size=1000, augment=False)
+    tr, te = ld.train, ld.test
+    if n_train:
+        tr = BatchLoader(tr.x[:n_train], tr.y[:n_train], args.batch_size, seed, shuffle=True)
+    if n_test:
+        te = BatchLoader(te.x[:n_test], te.y[:n_test], 1000, seed, shuffle=False)
+    return ld._replace(train=tr, test=te)
