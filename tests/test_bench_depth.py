@@ -6,18 +6,14 @@ import time
 from pathlib import Path
 
 import pytest
+from tinydata import have_fashion_mnist
 
 from fastpc.bench import depth
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-def _have_data() -> bool:
-    from fastpc.data import search_paths
-    return any(p.is_dir() and any(p.glob("*idx3*")) for p in search_paths("fashion-mnist"))
-
-
-@pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not available locally")
+@pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST not available locally")
 def test_depth_quick_writes_results(tmp_path):
     parser = argparse.ArgumentParser()
     depth.add_arguments(parser)
@@ -49,7 +45,7 @@ def test_summarize_rows():
     assert rows[1]["ratio_to_bp"] == pytest.approx(4.0)
 
 
-@pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not available locally")
+@pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST not available locally")
 def test_depth_paper_regime_applies_the_papers_settings(tmp_path):
     parser = argparse.ArgumentParser()
     depth.add_arguments(parser)

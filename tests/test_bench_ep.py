@@ -4,17 +4,13 @@ import argparse
 import json
 
 import pytest
+from tinydata import have_fashion_mnist
 
 from fastpc.bench import ep
 
 
-def _have_data() -> bool:
-    from fastpc.data import search_paths
-    return any(p.is_dir() and any(p.glob("*idx3*")) for p in search_paths("fashion-mnist"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not available locally")
+@pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST not available locally")
 def test_ep_quick_writes_results(tmp_path):
     parser = argparse.ArgumentParser()
     ep.add_arguments(parser)

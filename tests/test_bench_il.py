@@ -6,16 +6,12 @@ import json
 
 import pytest
 import torch
+from tinydata import have_fashion_mnist
 
 from fastpc.bench import il
 
 
-def _have_data() -> bool:
-    from fastpc.data import search_paths
-    return any(p.is_dir() and any(p.glob("*idx3*")) for p in search_paths("fashion-mnist"))
-
-
-@pytest.mark.skipif(not _have_data(), reason="Fashion-MNIST not available locally")
+@pytest.mark.skipif(not have_fashion_mnist(), reason="Fashion-MNIST not available locally")
 def test_il_quick_writes_results(tmp_path):
     parser = argparse.ArgumentParser()
     il.add_arguments(parser)

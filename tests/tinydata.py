@@ -45,3 +45,9 @@ def tiny_overrides(data_root: Path, out: Path, **extra) -> list[str]:
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
+
+
+def have_fashion_mnist() -> bool:
+    """Whether the real Fashion-MNIST IDX files are where fastpc looks for them."""
+    from fastpc.data import search_paths
+    return any(p.is_dir() and any(p.glob("*idx3*")) for p in search_paths("fashion-mnist"))
