@@ -42,7 +42,7 @@ def _config_path(name: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .runfiles import format_acc
+    from .runfiles import format_test
     from .train import fit
 
     if args.resume is not None:
@@ -59,11 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(_config_path(args.config) if args.config else None, args.set)
         summary = fit(cfg, overwrite=args.overwrite)
     data = summary.data
-    if cfg.model.mode == "generative":
-        err = summary.test_loss
-        head = f"test reconstruction error {'-' if err is None else format(err, '.4g')} per image"
-    else:
-        head = f"test_acc {format_acc(summary.test_acc)}"
+    head = format_test(cfg.model.mode == "generative", summary.test_loss, summary.test_acc)
     print(f"{head}  training seconds per epoch "
           f"{', '.join(f'{s:.1f}' for s in summary.epoch_seconds)}  run {summary.run_dir}  "
           f"data {data['name']} from {data['path']}")

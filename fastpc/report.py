@@ -16,7 +16,7 @@ from .build import build_learner, build_net_for, data_record, make_run_loaders, 
 from .config import Config, config_to_dict
 from .errors import UserError
 from .rundir import CHECKPOINT, RunLock, load_checkpoint, remove_temporaries, writing
-from .runfiles import (check_run_config, format_acc, history_fields, read_json, read_metrics, run_config,
+from .runfiles import (check_run_config, format_test, history_fields, read_json, read_metrics, run_config,
                        write_results)
 from .train import evaluate, reconstruction_error
 
@@ -121,12 +121,8 @@ def report(run_dir: str | Path, diagnostics: bool = True) -> str:
     for r in rows:
         lines.append("  ".join(f"{'-' if r.get(c) is None else format(r[c], '.4g'):>12}" for c in cols))
     seconds = [round(s, 1) for s in summary.get("epoch_seconds", []) if isinstance(s, (int, float))]
-    if cfg.model.mode == "generative":
-        err = rows[-1]["test_loss"]
-        lines.append(f"test reconstruction error {'-' if err is None else format(err, '.4g')} per image  "
-                     f"training seconds per epoch {seconds}")
-    else:
-        lines.append(f"test_acc {format_acc(rows[-1]['test_acc'])}  training seconds per epoch {seconds}")
+    lines.append(f"{format_test(cfg.model.mode == 'generative', rows[-1]['test_loss'], rows[-1]['test_acc'])}  "
+                 f"training seconds per epoch {seconds}")
     data = summary.get("data")
     if isinstance(data, dict):
         lines.append(f"data: {data.get('name')} from {data.get('path')}")

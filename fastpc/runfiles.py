@@ -24,7 +24,7 @@ from .config import Config, config_from_dict, config_to_dict, load_config, read_
 from .errors import UserError
 from .rundir import atomic_write_text
 
-__all__ = ["METRIC_FIELDS", "RunSummary", "history_fields", "format_acc", "read_metrics", "write_metrics",
+__all__ = ["METRIC_FIELDS", "RunSummary", "history_fields", "format_acc", "format_test", "read_metrics", "write_metrics",
            "read_json", "write_json", "write_results", "results_complete", "run_config", "check_run_config"]
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "train_energy", "val_loss", "val_acc",
@@ -124,6 +124,14 @@ class RunSummary:
 def format_acc(acc: float | None) -> str:
     """``87.81%``, or ``no test data`` for a split without examples."""
     return "no test data" if acc is None else f"{acc:.2f}%"
+
+
+def format_test(generative: bool, test_loss: float | None, test_acc: float | None) -> str:
+    """A run's test result in one phrase: ``test_acc 87.81%``, or for a generative run
+    ``test reconstruction error 21.4 per image`` (``no test data`` without test examples)."""
+    if not generative:
+        return f"test_acc {format_acc(test_acc)}"
+    return "no test data" if test_loss is None else f"test reconstruction error {test_loss:.4g} per image"
 
 
 # ---- metrics.csv and the JSON files -------------------------------------------------------------
