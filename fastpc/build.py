@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from . import distributed
 from .config import Config
 from .errors import UserError
 from .learners import Learner, make_learner
@@ -39,10 +40,20 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``train.device`` as a torch device (``auto``: cuda when available); an unavailable
-    device is a UserError."""
+    """``train.device`` as a torch device (``auto``: cuda when available; under torchrun ``auto`` and
+    ``cuda`` are ``cuda:LOCAL_RANK``, one GPU per process on the node); an unavailable device is a
+    UserError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda:") and distributed.launched():
+        raise UserError(f"train.device={name} under torchrun would put every process on one GPU; use "
+                        "train.device=cuda or auto (each process takes cuda:LOCAL_RANK)")
+    if name == "cuda" and distributed.launched() and torch.cuda.is_available():
+        if distributed.local_rank() >= torch.cuda.device_count():
+            raise UserError(f"train.device={name} under torchrun: process {distributed.local_rank()} on this node has "
+                            f"no GPU of its own ({torch.cuda.device_count()} visible); start at most that many "
+                            "processes per node (--nproc_per_node) or use train.device=cpu")
+        name = f"cuda:{distributed.local_rank()}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"train.device={name} but CUDA is not available; use train.device=cpu or auto")
     if name == "mps" and not torch.backends.mps.is_available():
@@ -113,7 +124,14 @@ COMPILE_AUTO_STEPS = 40_000  # learner.compile=auto: CPU runs at least this long
 def resolve_compile(setting: bool | str, steps: int, device: torch.device) -> bool:
     """``learner.compile``: true/false as given; auto is true for a CPU run of at least
     ``COMPILE_AUTO_STEPS`` training steps (where compiling pays back; see benchmarks/README.md)
-    when torch.compile can build kernels here. Off on CUDA."""
+    when torch.compile can build kernels here. Off on CUDA, and off under torchrun (data parallel:
+    the compiled step has no place for the line search's collectives, so it runs eagerly;
+    ``true`` there is a UserError)."""
+    if distributed.launched():
+        if setting is True:
+            raise UserError("learner.compile=true does not run under torchrun (the compiled step has no "
+                            "collectives); use learner.compile=auto or false (the eager step)")
+        return False
     if setting != "auto":
         return bool(setting)
     from .learners.compiled import compile_unavailable
@@ -128,7 +146,7 @@ def build_learner(cfg: Config, net: PCNet, optimizer: torch.optim.Optimizer | No
         device = next(net.parameters()).device
         options["compile"] = resolve_compile(options["compile"], steps, device)
     try:
-        learner = make_learner(cfg.learner.name, net, optimizer=optimizer, **options)
+        learner = make_learner(cfg.learner.name, net, optimizer=optimizer, precision=cfg.train.precision, **options)
     except (ValueError, TypeError) as e:
         raise UserError(f"learner: {e}") from None
     if cfg.model.mode == "generative" and not (learner.generative and learner.loss == "mse"):
@@ -155,10 +173,14 @@ def make_run_loaders(cfg: Config, device: torch.device):
     from .data import make_loaders
 
     d = cfg.data
-    return make_loaders(
+    loaders = make_loaders(
         d.name, batch_size=d.batch_size, seed=cfg.train.seed, val_split=d.val_split, root=d.root,
         download=d.download, device=device, augment=d.augment, eval_batch_size=d.eval_batch_size,
-        image_size=d.image_size, grouped=d.grouped is not None, classes_per_batch=d.grouped or 1)
+        image_size=d.image_size, grouped=d.grouped is not None, classes_per_batch=d.grouped or 1,
+        stream=d.stream, workers=d.workers)
+    if distributed.world_size() > 1:  # data parallel: each process trains on its part of every batch
+        loaders.train.shard(distributed.rank(), distributed.world_size())
+    return loaders
 
 
 def data_record(loaders) -> dict[str, Any]:

@@ -42,6 +42,7 @@ def _config_path(name: str) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .distributed import is_main
     from .runfiles import format_test
     from .train import fit
 
@@ -58,6 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(_config_path(args.config) if args.config else None, args.set)
         summary = fit(cfg, overwrite=args.overwrite)
+    if not is_main():  # data parallel (torchrun): rank 0 reports
+        return 0
     data = summary.data
     head = format_test(cfg.model.mode == "generative", summary.test_loss, summary.test_acc)
     print(f"{head}  training seconds per epoch "

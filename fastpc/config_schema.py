@@ -50,6 +50,15 @@ class DataConfig:
     each batch holds at most this many classes (1: one class per batch), cut from per-class
     shuffles in an order seeded by (train.seed, epoch) like the shuffled order, so a resumed run
     sees the same batches; null = plainly shuffled batches."""
+    stream: bool | Literal["auto"] = "auto"
+    """Image folders: decode and augment each batch on the fly in ``workers`` DataLoader processes
+    (random-resized crop + flip for training, resize to image_size·256/224 + center crop for
+    evaluation) instead of holding the split in memory; needs image_size. auto: stream when
+    image_size is at least 128 or the training split has more than 50,000 images (and not with
+    grouped); other datasets are always in memory."""
+    workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes of a streamed image folder (0: decode in the training
+    process); auto = min(8, CPU cores per process on the node)."""
 
     def __post_init__(self) -> None:
         from .data.imagefolder import parse_image_size
@@ -66,6 +75,11 @@ class DataConfig:
         if not 0.0 <= self.val_split < 1.0:
             fail("data.val_split", f"must be in [0, 1), got {self.val_split}")
         parse_image_size(self.image_size)
+        if self.stream is True and (self.name != "imagefolder" or self.image_size is None or self.grouped):
+            fail("data.stream", "true needs data.name=imagefolder with data.image_size set and data.grouped null "
+                 f"(got name={self.name}, image_size={self.image_size}, grouped={self.grouped}); use false or auto")
+        if self.workers != "auto" and self.workers < 0:
+            fail("data.workers", f"must be >= 0 or auto, got {self.workers}")
         if self.grouped is not None and not 1 <= self.grouped <= self.batch_size:
             fail("data.grouped", f"must be null or classes per batch in [1, data.batch_size={self.batch_size}], "
                  f"got {self.grouped}")
@@ -260,11 +274,16 @@ class TrainConfig:
     seed: int = 0
     """Seeds torch, numpy, python and the data order; a fixed seed reproduces bit for bit on CPU."""
     device: str = "cpu"
-    """cpu, cuda, cuda:N, mps, or auto (cuda when available)."""
+    """cpu, cuda, cuda:N, mps, or auto (cuda when available; under torchrun cuda:LOCAL_RANK, one GPU
+    per process, and the CPU with gloo where there is none)."""
     out: str | None = None
     """Run folder; null = runs/<date>-<time>-<learner>-<arch>."""
     dtype: Literal["float32", "float64"] = "float32"
     """Parameter and data precision."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Products of the block forwards: fp32, or bf16 (torch.autocast of the forward matmuls/convs and
+    the products inference and the update take from them, on CPU and CUDA; states, energies,
+    gradients and weights stay float32; needs dtype float32; runs eagerly; see fastpc.precision)."""
     checkpoint_every: int = 1
     """Write checkpoints/last.pt every this many epochs (and always after the last); 0 = only at the end."""
     max_energy: float = 1.0e6
@@ -278,6 +297,9 @@ class TrainConfig:
     flush_denormal: bool = True
     """Flush subnormal floats to zero on the CPU while training (they slow products 10-100×;
     results change by less than the smallest normal float)."""
+    tensorboard: bool = False
+    """Also write each epoch's metrics (metrics.csv's columns, step = epoch) as TensorBoard event
+    files into <run>/tensorboard/ (needs ``pip install fastpc[tensorboard]``)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -293,6 +315,8 @@ class TrainConfig:
             fail("train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if not self.max_energy > 0:
             fail("train.max_energy", f"must be > 0, got {self.max_energy}")
+        if self.precision == "bf16" and self.dtype != "float32":
+            fail("train.precision", f"bf16 autocasts a float32 net's products; needs train.dtype float32, got {self.dtype}")
         if self.threads not in (None, "auto") and not 1 <= self.threads <= 1024:
             fail("train.threads", f"must be in [1, 1024] or null, got {self.threads}")
 

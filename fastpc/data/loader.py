@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastpc.distributed import part
 from fastpc.errors import UserError
 
 __all__ = ["BatchLoader", "make_generator", "random_crop_flip", "split_indices"]
@@ -98,6 +99,9 @@ class BatchLoader:
 
     Each ``iter()`` uses the current epoch and then advances it by one; call
     :meth:`set_epoch` to choose the epoch explicitly (e.g. when resuming).
+
+    Data parallel: after :meth:`shard` every process draws the same global batches and yields
+    its part of each.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, *,
@@ -118,6 +122,7 @@ class BatchLoader:
         self.grouped, self.classes_per_batch = bool(grouped), classes_per_batch
         self.fill = fill
         self.epoch = 0
+        self.rank, self.world = 0, 1
         if device is not None:
             try:
                 device = torch.device(device)
@@ -133,13 +138,29 @@ class BatchLoader:
             self._chunk = max(1, self.batch_size // self.classes_per_batch)
 
     def __len__(self) -> int:
-        """Batches per epoch."""
+        """Batches per epoch (after :meth:`shard`: global batches every process has a part of)."""
         if self.grouped:
             rnd = math.floor if self.drop_last else math.ceil
             chunks = sum(rnd(len(ix) / self._chunk) for ix in self._class_idx)
             return rnd(chunks / self.classes_per_batch)
         n = len(self.x)
+        if self.world > 1 and not self.drop_last and 0 < n % self.batch_size < self.world:
+            return n // self.batch_size  # a last batch smaller than the process count is dropped
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Data parallel: yield process ``rank``'s part of every global batch (of ``world``
+        processes; consecutive parts, sizes differing by at most one, as
+        :func:`fastpc.distributed.part` cuts them). Every process draws the same order and
+        augmentation from ``(seed, epoch)``, so the parts of all processes together are exactly
+        the batches of one process. A last batch with fewer examples than processes is dropped
+        (some would get none)."""
+        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f"shard needs 0 <= rank < world, got rank={rank!r}, world={world!r}")
+        self.rank, self.world = rank, world
+
+    def _part(self, n: int) -> slice:
+        return part(n, self.rank, self.world)
 
     @property
     def num_examples(self) -> int:
@@ -148,6 +169,10 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration use epoch ``epoch``'s order and augmentation."""
         self.epoch = int(epoch)
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` examples as stored, not augmented: a fixed batch (training's energy trace)."""
+        return self.x[:n], self.y[:n]
 
     def _grouped_batches(self, g: torch.Generator) -> list[torch.Tensor]:
         chunks = []
@@ -187,7 +212,14 @@ class BatchLoader:
                 xb, yb = self.x[sl], self.y[sl]
             else:
                 idx = next(index_batches)
+                if self.world > 1 and len(idx) < self.world:
+                    continue  # only a grouped epoch's short last batch gets here
+                if self.world > 1 and aug_g is None:  # gather this process's part only
+                    idx = idx[self._part(len(idx))]
                 xb, yb = self.x[idx], self.y[idx]
-            if aug_g is not None:
+            if aug_g is not None:  # drawn for the whole batch: the same numbers as one process
                 xb = random_crop_flip(xb, aug_g, padding=4, flip=True, fill=self.fill)
+            if self.world > 1 and (index_batches is None or aug_g is not None):
+                part = self._part(len(yb))
+                xb, yb = xb[part], yb[part]
             yield xb, yb

@@ -31,9 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from .. import energy as E
 from ..init import StateInit, make_init
 from ..nets import PCNet, frozen_batchnorm_stats
+from ..precision import check_precision, forward_in
 
 __all__ = ["Equilibrium", "StepResult", "Learner", "check_option"]
 
@@ -120,6 +122,7 @@ class Learner(abc.ABC):
         optimizer: torch.optim.Optimizer | None = None,
         init: str | StateInit = "forward",
         init_options: dict[str, Any] | None = None,
+        precision: str = "fp32",
     ):
         if not isinstance(net, PCNet):
             raise TypeError(f"a learner needs a fastpc.PCNet, got {type(net).__name__}")
@@ -131,6 +134,8 @@ class Learner(abc.ABC):
         self.loss = E.check_loss(loss)
         self.optimizer = optimizer
         self.init = make_init(init, **(init_options or {}))
+        p = next(net.parameters(), None)
+        self.precision = check_precision(precision, None if p is None else p.dtype)  # fastpc.precision
 
     # ---- public API -------------------------------------------------------------------
     def infer(
@@ -196,7 +201,8 @@ class Learner(abc.ABC):
 
     def options(self) -> dict[str, Any]:
         """The learner's hyperparameters (saved with checkpoints)."""
-        return {"loss": self.loss, "init": self.init.name, "init_options": self.init.options()}
+        return {"loss": self.loss, "init": self.init.name, "init_options": self.init.options(),
+                "precision": self.precision}
 
     def state_dict(self) -> dict[str, Any]:
         """Net, optimizer and initializer state."""
@@ -218,6 +224,7 @@ class Learner(abc.ABC):
 
     # ---- the learner's door and the one update path -------------------------------------
     skipped_updates: int = 0  # steps whose gradient was not finite (the weights were kept)
+    _batch: int = 0  # examples in the batch the door last let in (data parallel: this rank's part)
     generative: bool = False  # whether x=None (a free latent s_0, the data y clamped at the output) works
 
     def _check_optimizer(self) -> None:
@@ -244,6 +251,7 @@ class Learner(abc.ABC):
             raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
         if not all(map(math.isfinite, torch.stack(torch.aminmax(x)).tolist())):  # NaN propagates through aminmax
             raise ValueError("x holds NaN or inf")
+        self._batch = x.shape[0]
 
     def latent_size(self) -> int:
         """Generative mode: the width of the latent s_0, the input width of the net's first
@@ -266,6 +274,7 @@ class Learner(abc.ABC):
         p = next(self.net.parameters())
         if y.dtype != p.dtype or y.device != p.device:
             raise TypeError(f"y must have the net's dtype and device ({p.dtype}, {p.device}), got ({y.dtype}, {y.device})")
+        self._batch = y.shape[0]
 
     def _check_target(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``y`` as the energy takes it (integer class indices as int64), or a clear error."""
@@ -280,9 +289,18 @@ class Learner(abc.ABC):
         """The one place where a weight update reaches the net: every learner's ``step`` ends
         here, with the gradients in ``p.grad`` (data-parallel averaging, clipping and loss
         scaling belong here). A non-finite gradient is dropped, the weights kept and
-        ``skipped_updates`` counted; returns whether the optimizer stepped."""
+        ``skipped_updates`` counted; returns whether the optimizer stepped.
+
+        Data parallel (torchrun, :mod:`fastpc.distributed`): every rank's gradient, the batch
+        mean over its part of the batch, becomes the global batch's mean here, one flattened
+        all_reduce (:func:`~fastpc.distributed.average_gradients`); the finiteness test runs
+        after it, on the same numbers everywhere, so every rank skips the same steps. Not torch's
+        DistributedDataParallel wrapper: it reduces from autograd hooks, and the PC learners
+        write their analytic gradients into ``p.grad`` without autograd, so its hooks never fire
+        (and bp would reduce twice)."""
         opt = self.optimizer
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        distributed.average_gradients(grads, self._batch)
         if grads and not _all_finite(grads):
             opt.zero_grad(set_to_none=True)
             self.skipped_updates += 1
@@ -304,7 +322,7 @@ class Learner(abc.ABC):
         """FF pass without autograd; the one pass that updates batch-norm running stats."""
         self._check_input(x)
         with torch.no_grad():
-            return self._fitting(x, self.net.forward_states)
+            return self._fitting(x, lambda x: forward_in(self.precision, self.net.forward_states, x))
 
     def _fitting(self, x: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> Any:
         """``fn(x)`` (a forward pass), with a shape mismatch inside the net reported as the

@@ -34,6 +34,12 @@ step (‖∇_v E‖ ≤ tol·‖∇_v E⁰‖), ``iters`` being the cap; the ste
 ``trace`` the loop also returns ‖∇_v E‖ before every step and at the end, the distance to
 equilibrium. On an energy that is not smooth at its minimum (ReLU units at their kink)
 ‖∇E‖ need not fall below tol; ``iters`` then decides.
+
+Data parallel (:mod:`fastpc.distributed`): each rank holds a part of the batch, and every
+decision above reads a batch sum (E, ⟨g, u⟩, ‖g‖²). :func:`batch_total` sums those scalars over
+the ranks (the identity when not distributed), so every rank accepts, rejects, resizes and stops
+exactly as one process on the whole batch would (one all_reduce of two scalars per step; one
+more for ‖g‖ when ``tol`` or ``trace`` reads it). Traces stay the rank's own part.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Stack", "Relaxation", "Descent", "Workspace", "Minimized", "minimize", "BRANCH_ON_CPU"]
+from .. import distributed
+
+__all__ = ["Stack", "Relaxation", "Descent", "Workspace", "Minimized", "minimize", "batch_total", "BRANCH_ON_CPU"]
 
 BRANCH_ON_CPU = True  # False: the sync-free torch.where line search on the CPU too (tests use it)
 
@@ -245,6 +253,20 @@ def minimize(
         workspace.busy = False
 
 
+def batch_total(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The hook every decision of the loop reads its batch sums through: summed over the
+    data-parallel ranks (:func:`fastpc.distributed.batch_total`, one all_reduce), themselves
+    when not distributed."""
+    return distributed.batch_total(*scalars)
+
+
+def _grad_norm(gt: torch.Tensor) -> torch.Tensor:
+    """‖g‖ over the whole (data-parallel: global) batch."""
+    if not distributed.reducing():
+        return torch.linalg.vector_norm(gt)
+    return batch_total(torch.dot(gt, gt))[0].sqrt()
+
+
 def _tail(t: torch.Tensor, lo: int) -> torch.Tensor:
     return t if lo == 0 else t[lo:]
 
@@ -282,6 +304,8 @@ def _minimize(problem, opts, trace, after_step, sync_free, workspace):
         parts = problem.parts() if traces is not None else None
         start = min(start, problem.grad(g))
         lo = 0 if whole else start
+        if ls:  # the batch sums the decisions read (pred: of the step taken last)
+            e, pred = batch_total(e, pred) if pred is not None else (batch_total(e)[0], None)
         if ls and prev_e is not None:
             e, parts, step = _line_search(problem, opts, t, e, parts, prev_e, prev_parts, pred, step, flat, g,
                                           prev_v, g_prev, vel, saved, lo, tol, tiny, branch)
@@ -290,7 +314,7 @@ def _minimize(problem, opts, trace, after_step, sync_free, workspace):
             saved, prev_e, prev_parts = lo, e, parts
         gt = _tail(g.flat, lo)
         if norms is not None or stop_at is not None:
-            gn = torch.linalg.vector_norm(gt)
+            gn = _grad_norm(gt)
             if norms is not None:
                 norms.append(gn)
             if stop_at is not None:
@@ -324,13 +348,14 @@ def _minimize(problem, opts, trace, after_step, sync_free, workspace):
     if ls and prev_e is not None and not converged:  # the last step must pass the same test
         problem.forward()
         c = opts.armijo if t_run <= opts.armijo_steps else 0.0
-        rose = problem.energy() > prev_e - c * step * pred + tol * prev_e.abs()
+        e_last, pred = batch_total(problem.energy(), pred)
+        rose = e_last > prev_e - c * step * pred + tol * prev_e.abs()
         if not branch or bool(rose):
             torch.where(rose, _tail(prev_v.flat, saved), _tail(flat, saved), out=_tail(flat, saved))
             problem.moved(start)
     problem.forward()
     if norms is not None:  # the distance to equilibrium where inference ended
-        norms.append(torch.linalg.vector_norm(_tail(g.flat, problem.grad(g))))
+        norms.append(_grad_norm(_tail(g.flat, problem.grad(g))))
     return Minimized(traces, t_run, norms)
 
 

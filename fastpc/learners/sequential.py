@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from .. import energy as E
-from .descent import Minimized
+from .descent import Minimized, batch_total
 from .pc import Chain, ChainRelaxation
 
 __all__ = ["SequentialRelaxation", "soft_target", "sweeps"]
@@ -113,7 +113,7 @@ class SequentialRelaxation(ChainRelaxation):
         self._output_changed()
         if self.beta is not None:
             self.target = soft_target(self.hard, self.output, self.beta)
-        return None if sq is None else sq.sqrt_()
+        return None if sq is None else batch_total(sq)[0].sqrt_()  # data parallel: the global batch's
 
     def states(self) -> list[torch.Tensor]:
         return list(self.s)
