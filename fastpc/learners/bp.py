@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import energy as E
+from ..precision import forward_in
 from .base import Equilibrium, Learner
 from .registry import register_learner
 
@@ -12,10 +13,11 @@ from .registry import register_learner
 @register_learner("bp")
 class BP(Learner):
     """Exact backprop of the batch-mean loss. ``infer`` returns the FF state (where the PC
-    energy equals the output cost)."""
+    energy equals the output cost). ``precision``: see :mod:`fastpc.precision`."""
 
-    def __init__(self, net, loss="ce", optimizer=None, init="forward", init_options=None):
-        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
+    def __init__(self, net, loss="ce", optimizer=None, init="forward", init_options=None, precision="fp32"):
+        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options,
+                         precision=precision)
 
     def smm(self, iters):
         """2L − 1: forward L, backward L − 1 (each weight gradient overlaps the next backward product)."""
@@ -37,7 +39,7 @@ class BP(Learner):
         """Backprop of the batch-mean loss into ``p.grad``; returns (output, checked y)."""
         self._check_input(x)
         with torch.enable_grad():
-            out = self._fitting(x, self.net)
+            out = self._fitting(x, lambda x: forward_in(self.precision, self.net, x))
             y = self._check_target(y, out)
             loss = E.output_cost(out, y, self.loss) / y.shape[0]
             loss.backward()

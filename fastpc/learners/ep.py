@@ -104,10 +104,11 @@ class EP(ChainLearner):
 
     def __init__(self, net, loss="mse", optimizer=None, init="forward", init_options=None, iters: int = 5,
                  beta: float = 0.02, estimator: str = "centered", equilibration: str | None = None,
-                 state_lr: float = 0.1, synchronous: bool | None = None, fast: bool | str = "auto"):
+                 state_lr: float = 0.1, synchronous: bool | None = None, fast: bool | str = "auto",
+                 precision: str = "fp32"):
         check_option(init == "forward", f"ep starts every phase from the free equilibrium, the FF state: init "
                      f"must be 'forward', got {init!r}")
-        super().__init__(net, loss, optimizer, init, init_options, fast)
+        super().__init__(net, loss, optimizer, init, init_options, fast, precision)
         check_option(isinstance(iters, (int, float)) and int(iters) == iters and iters >= 0,
                      f"iters must be an integer >= 0, got {iters!r}")
         check_option(estimator in ESTIMATORS, f"unknown estimator {estimator!r}; expected one of {list(ESTIMATORS)}")

@@ -125,10 +125,11 @@ class EPC(PCLearner):
         tol: float | None = None,
         armijo_steps: int = 20,
         prior: float = 1.0,
+        precision: str = "fp32",
     ):
         super().__init__(net, loss, optimizer, init, init_options, iters=iters, state_lr=state_lr,
                          momentum=momentum, safeguard=safeguard, armijo=armijo, fast=fast, compile=compile,
-                         tol=tol, armijo_steps=armijo_steps, prior=prior)
+                         tol=tol, armijo_steps=armijo_steps, prior=prior, precision=precision)
         self.rescale = bool(rescale)
 
     def options(self):

@@ -34,6 +34,7 @@ from .. import energy as E
 from ..blocks import AnalyticOps, AutogradOps, BlockOps, Tape, block_ops
 from ..init import ForwardInit
 from ..nets import frozen_batchnorm_stats
+from ..precision import AutocastOps, bf16_ops
 from . import compiled
 from .base import Equilibrium, Learner, StepResult, check_option
 from .descent import AfterStep, Descent, Minimized, Relaxation, Stack, Workspace, minimize
@@ -43,11 +44,13 @@ __all__ = ["NetOps", "Chain", "ChainRelaxation", "ChainLearner", "PCLearner", "S
 
 class NetOps:
     """The block ops of a net: ``fast`` False gives :class:`~fastpc.blocks.AutogradOps` for
-    every block, else :func:`~fastpc.blocks.block_ops` (``plain``: for torch.compile)."""
+    every block, else :func:`~fastpc.blocks.block_ops` (``plain``: for torch.compile);
+    ``precision`` bf16: :func:`~fastpc.precision.bf16_ops` of every block."""
 
-    def __init__(self, blocks, fast: bool | str, plain: bool = False):
-        self.ops: tuple[BlockOps, ...] = tuple(AutogradOps(b) if fast is False else block_ops(b, plain)
-                                               for b in blocks)
+    def __init__(self, blocks, fast: bool | str, plain: bool = False, precision: str = "fp32"):
+        self.ops: tuple[BlockOps, ...] = tuple(
+            bf16_ops(b, fast) if precision == "bf16" else AutogradOps(b) if fast is False else block_ops(b, plain)
+            for b in blocks)
         self.block_ids = tuple(id(b) for b in blocks)
         self.analytic = all(isinstance(o, AnalyticOps) for o in self.ops)
         self.block_params = [list(b.parameters()) for b in blocks]
@@ -57,7 +60,8 @@ class NetOps:
 
     def fallbacks(self) -> list[str]:
         """'block i (Type)' for every block on the autograd fallback."""
-        return [f"block {i} ({type(o.block).__name__})" for i, o in enumerate(self.ops) if isinstance(o, AutogradOps)]
+        return [f"block {i} ({type(o.block).__name__})" for i, o in enumerate(self.ops)
+                if isinstance(o, (AutogradOps, AutocastOps))]
 
     def flops(self, calls: list[int], in_shapes: list[torch.Size]) -> int | None:
         """Multiply-add FLOPs of ``calls`` (forward, vjp, weight grads per block) on blocks with
@@ -230,13 +234,16 @@ class ChainLearner(Learner):
     ``fast``: ``"auto"`` (default) runs every block on its analytic ops where it has them and on
     the autograd fallback elsewhere; ``True`` requires analytic ops for every block
     (``ValueError`` naming the blocks otherwise); ``False`` runs every block on the autograd
-    fallback (the reference). The same inference loop runs either way.
+    fallback (the reference). The same inference loop runs either way. ``precision`` "bf16":
+    the bf16 ops of :func:`~fastpc.precision.bf16_ops` (analytic or autograd as ``fast`` says;
+    no compiled step).
     """
 
     last_flops: int | None = None  # matmul/conv FLOPs of the last step's block calls
 
-    def __init__(self, net, loss, optimizer, init, init_options, fast: bool | str):
-        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options)
+    def __init__(self, net, loss, optimizer, init, init_options, fast: bool | str, precision: str = "fp32"):
+        super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options,
+                         precision=precision)
         check_option(fast in (True, False, "auto"), f"fast must be True, False or 'auto', got {fast!r}")
         self.fast = fast
         self._ops: dict[bool, NetOps] = {}
@@ -249,7 +256,7 @@ class ChainLearner(Learner):
     def _netops(self, plain: bool = False) -> NetOps:
         ops = self._ops.get(plain)
         if ops is None or ops.block_ids != tuple(id(b) for b in self.net.blocks):
-            ops = self._ops[plain] = NetOps(self.net.blocks, self.fast, plain)
+            ops = self._ops[plain] = NetOps(self.net.blocks, self.fast, plain, self.precision)
         return ops
 
     def _frozen(self, netops: NetOps) -> contextlib.AbstractContextManager:
@@ -289,8 +296,8 @@ class PCLearner(ChainLearner):
 
     def __init__(self, net, loss, optimizer, init, init_options, *, iters: int, state_lr: float, momentum: float,
                  safeguard: bool, armijo: float, fast: bool | str, compile: bool, state_optimizer: str = "sgd",
-                 tol: float | None = None, armijo_steps: int = 20, prior: float = 1.0):
-        super().__init__(net, loss, optimizer, init, init_options, fast)
+                 tol: float | None = None, armijo_steps: int = 20, prior: float = 1.0, precision: str = "fp32"):
+        super().__init__(net, loss, optimizer, init, init_options, fast, precision)
         check_option(isinstance(iters, (int, float)) and int(iters) == iters and iters >= 0,
                      f"iters must be an integer >= 0, got {iters!r}")
         check_option(isinstance(state_lr, (int, float)) and math.isfinite(state_lr) and state_lr > 0,
@@ -309,6 +316,11 @@ class PCLearner(ChainLearner):
                      f"prior must be a finite number >= 0, got {prior!r}")
         self.prior = float(prior)
         self.descent  # noqa: B018 - validates the combination
+        if self.precision == "bf16" and self.safeguard and self.armijo >= 0.9:
+            warnings.warn(f"fastpc: precision 'bf16' with armijo={self.armijo}: bf16 rounds each block's input to 8 "
+                          "bits, steps below that do not lower the energy and the Armijo test rejects them all; "
+                          "use armijo <= 0.5 or safeguard=False (benchmarks/README.md, bench precision)",
+                          RuntimeWarning, stacklevel=4)
         self.compile = bool(compile)
         self._compiled: tuple | None = None  # (key, compiled core, its NetOps)
         self._compiled_batch: int | None = None

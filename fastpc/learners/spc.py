@@ -136,10 +136,12 @@ class SPC(PCLearner):
         schedule: str = "simultaneous",
         beta: float | None = None,
         prior: float = 1.0,
+        precision: str = "fp32",
     ):
         super().__init__(net, loss, optimizer, init, init_options, iters=iters, state_lr=state_lr,
                          momentum=momentum, safeguard=safeguard, armijo=armijo, fast=fast, compile=compile,
-                         state_optimizer=state_optimizer, tol=tol, armijo_steps=armijo_steps, prior=prior)
+                         state_optimizer=state_optimizer, tol=tol, armijo_steps=armijo_steps, prior=prior,
+                         precision=precision)
         self.incremental = bool(incremental)
         self.schedule, self.beta = schedule, (None if beta is None else float(beta))
         self._check_schedule()
