@@ -22,6 +22,9 @@ SUITES: dict[str, str] = {
     "ep": "fastpc.bench.ep",
     "il": "fastpc.bench.il",
     "init": "fastpc.bench.init",
+    "ddp": "fastpc.bench.ddp",
+    "imagenet-step": "fastpc.bench.imagenet_step",
+    "precision": "fastpc.bench.precision",
 }
 
 

@@ -16,6 +16,7 @@ from .datasets import Dataset, DatasetInfo, Loaders, load_dataset, make_loaders,
 from .idx import read_idx, read_idx_pair
 from .imagefolder import load_image_folder
 from .loader import BatchLoader, make_generator, random_crop_flip, split_indices
+from .stream import StreamLoader
 from .sources import (
     DATASET_NAMES,
     SOURCES,
@@ -41,6 +42,7 @@ __all__ = [
     "Loaders",
     "RemoteFile",
     "SafeUnpickler",
+    "StreamLoader",
     "Source",
     "cache_dir",
     "download",

@@ -16,8 +16,9 @@ from fastpc.errors import UserError
 from . import sources
 from .cifar import find_cifar_dir, load_cifar
 from .idx import find_idx_files, read_idx_pair
-from .imagefolder import find_split_dir, list_classes, load_image_folder, parse_image_size
+from .imagefolder import collect_images, find_split_dir, list_classes, load_image_folder, parse_image_size
 from .loader import BatchLoader, split_indices
+from .stream import StreamLoader, default_workers, resolve_stream
 
 __all__ = ["Dataset", "DatasetInfo", "Loaders", "load_dataset", "make_loaders", "normalize"]
 
@@ -63,9 +64,9 @@ class Dataset:
 class Loaders(NamedTuple):
     """``train, val, test, info = make_loaders(...)``; ``val`` is None without a val split."""
 
-    train: BatchLoader
-    val: BatchLoader | None
-    test: BatchLoader
+    train: BatchLoader | StreamLoader
+    val: BatchLoader | StreamLoader | None
+    test: BatchLoader | StreamLoader
     info: DatasetInfo
 
 
@@ -177,16 +178,24 @@ def make_loaders(name: str = "fashion-mnist", batch_size: int = 64, seed: int = 
                  device: str | torch.device = "cpu", augment: bool | None = None,
                  eval_batch_size: int | None = None, drop_last: bool = False,
                  grouped: bool = False, classes_per_batch: int = 1,
-                 image_size: int | tuple[int, int] | None = None) -> Loaders:
+                 image_size: int | tuple[int, int] | None = None, stream: bool | str = False,
+                 workers: int | str = "auto") -> Loaders:
     """Build train / val / test loaders for a dataset.
 
     ``val_split`` carves a deterministic (by ``seed``) fraction out of the train split.
     ``augment=None`` enables random crop + flip for CIFAR and image folders only; it is
     applied to the train loader alone. ``grouped`` makes train batches class-grouped
     (see :class:`BatchLoader`). Val/test loaders are sequential with ``eval_batch_size``
-    (default: ``batch_size``) and never drop examples.
+    (default: ``batch_size``) and never drop examples. ``stream`` (image folders: true, false or
+    auto, see :func:`fastpc.data.stream.resolve_stream`) decodes batches on the fly in
+    ``workers`` DataLoader processes (:class:`StreamLoader`) instead of holding them in memory.
     """
     spec = sources.SPECS[sources.check_name(name)]
+    if spec.kind == "imagefolder" and stream is not False and not grouped:
+        streamed = _stream_loaders(spec, root, download, device, seed, val_split, batch_size, eval_batch_size,
+                                   drop_last, augment, image_size, stream, workers)
+        if streamed is not None:
+            return streamed
     train = load_dataset(spec.name, root, "train", download, image_size)
     test = load_dataset(spec.name, root, "test", download, image_size)
     if len(train) == 0:
@@ -210,3 +219,39 @@ def make_loaders(name: str = "fashion-mnist", batch_size: int = 64, seed: int = 
                                augment=augment, fill=fill, grouped=grouped, classes_per_batch=classes_per_batch)
     test_loader = BatchLoader(test.x, test.y, eval_bs, seed, shuffle=False, device=device)
     return Loaders(train_loader, val, test_loader, train.info)
+
+
+def _stream_loaders(spec: sources.DatasetSpec, root, download: bool, device, seed: int, val_split: float,
+                    batch_size: int, eval_batch_size: int | None, drop_last: bool, augment: bool | None,
+                    image_size, stream: bool | str, workers: int | str) -> Loaders | None:
+    """:func:`make_loaders` for an image folder streamed by :class:`StreamLoader`; None when
+    ``stream: auto`` decides to hold it in memory."""
+    size = parse_image_size(image_size)
+    found, folder = _locate(spec, root, "train", download)
+    test_dir, test_folder = _locate(spec, root, "test", download)
+    if test_folder != folder:
+        raise UserError(f"{spec.name} train data is in {folder} but its test data in {test_folder}; "
+                        "expected both splits in one folder (set data.root to it)")
+    classes = list_classes(found)
+    if not classes:
+        raise UserError(f"no class folders in {found}; expected train/<class>/*.jpg|png")
+    items = collect_images(found, classes)
+    if not resolve_stream(stream, size, len(items)):
+        return None
+    test_items = collect_images(test_dir, classes)
+    for split_dir, its in ((found, items), (test_dir, test_items)):
+        if not its:
+            raise UserError(f"no images found in {split_dir}; expected <class>/*.jpg|png")
+    workers = default_workers() if workers == "auto" else workers
+    opts = dict(seed=seed, device=device, mean=spec.mean, std=spec.std, workers=workers)
+    eval_bs = batch_size if eval_batch_size is None else eval_batch_size
+    val = None
+    if val_split:
+        tr_idx, va_idx = split_indices(len(items), val_split, seed)
+        val = StreamLoader([items[i] for i in va_idx.tolist()], size, eval_bs, shuffle=False, **opts)
+        items = [items[i] for i in tr_idx.tolist()]
+    train = StreamLoader(items, size, batch_size, shuffle=True, drop_last=drop_last,
+                         augment=True if augment is None else augment, **opts)
+    test = StreamLoader(test_items, size, eval_bs, shuffle=False, **opts)
+    info = DatasetInfo(spec.name, len(classes), (3, *size), spec.mean, spec.std, tuple(classes), Path(folder))
+    return Loaders(train, val, test, info)

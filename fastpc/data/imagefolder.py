@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -20,7 +21,8 @@ from fastpc.errors import UserError
 
 from .sources import one_line
 
-__all__ = ["IMAGE_EXTENSIONS", "find_split_dir", "list_classes", "load_image_folder", "parse_image_size"]
+__all__ = ["IMAGE_EXTENSIONS", "collect_images", "find_split_dir", "list_classes", "load_image_folder", "open_rgb",
+           "parse_image_size"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"})
 _SPLIT_DIRS = {"train": ("train",), "test": ("val", "test")}
@@ -75,7 +77,9 @@ def _tiny_imagenet_val(split_dir: Path, class_index: dict[str, int]) -> list[tup
     return items
 
 
-def _collect(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+def collect_images(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """``(path, class index)`` of every image of ``split_dir``, classes indexed as in ``classes``
+    (sorted paths within a class; Tiny-ImageNet's annotated val folder in annotation order)."""
     class_index = {c: i for i, c in enumerate(classes)}
     if (split_dir / "val_annotations.txt").is_file() and (split_dir / "images").is_dir():
         return _tiny_imagenet_val(split_dir, class_index)
@@ -89,23 +93,37 @@ def _collect(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return items
 
 
-def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+def open_rgb(path: Path, transform: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """Open ``path`` with Pillow and return ``transform(image)`` converted to RGB and fully decoded.
+
+    ``transform`` gets the still-undecoded image, so it may call ``im.draft`` (JPEG: decode at
+    1/2, 1/4 or 1/8 scale, no smaller than asked) before resizing. An unreadable or corrupt
+    image is a one-line UserError naming the file."""
     try:
         with Image.open(path) as im:
-            if size is not None and im.format == "JPEG":
-                im.draft("RGB", (size[1], size[0]))  # cheap JPEG downscale before the exact resize
-            im = im.convert("RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            out = transform(im).convert("RGB")
+            out.load()
+            return out
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot decode image {path} ({one_line(e)}); remove it or replace it with a valid image") from None
+
+
+def _decode(path: Path, size: tuple[int, int] | None) -> np.ndarray:
+    def resize(im: Image.Image) -> Image.Image:
+        if size is not None and im.format == "JPEG":
+            im.draft("RGB", (size[1], size[0]))  # cheap JPEG downscale before the exact resize
+        im = im.convert("RGB")
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        return im
+
+    return np.asarray(open_rgb(path, resize), dtype=np.uint8)
 
 
 def load_image_folder(split_dir: Path, classes: list[str], image_size: tuple[int, int] | None = None,
                       workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image of ``split_dir``: ``(uint8 (N, 3, H, W), int64 (N,))``."""
-    items = _collect(split_dir, classes)
+    items = collect_images(split_dir, classes)
     if not items:
         raise UserError(f"no images found in {split_dir}; expected <class>/*.jpg|png "
                         f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
