@@ -316,11 +316,12 @@ class PCLearner(ChainLearner):
                      f"prior must be a finite number >= 0, got {prior!r}")
         self.prior = float(prior)
         self.descent  # noqa: B018 - validates the combination
-        if self.precision == "bf16" and self.safeguard and self.armijo >= 0.9:
-            warnings.warn(f"fastpc: precision 'bf16' with armijo={self.armijo}: bf16 rounds each block's input to 8 "
-                          "bits, steps below that do not lower the energy and the Armijo test rejects them all; "
-                          "use armijo <= 0.5 or safeguard=False (benchmarks/README.md, bench precision)",
-                          RuntimeWarning, stacklevel=4)
+        if self.precision == "bf16" and self.safeguard and self.armijo >= 0.9 and \
+                (why := self.fast_unsupported()) is not None:
+            warnings.warn(f"fastpc: precision 'bf16' with armijo={self.armijo}: {why}; the bf16 autocast ops round "
+                          "such a block's input to 8 bits, steps below that do not lower the energy and the Armijo "
+                          "test rejects them all; use analytic blocks (fast='auto'), armijo <= 0.5 or "
+                          "safeguard=False (benchmarks/README.md, bench precision)", RuntimeWarning, stacklevel=4)
         self.compile = bool(compile)
         self._compiled: tuple | None = None  # (key, compiled core, its NetOps)
         self._compiled_batch: int | None = None
