@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+from numerics import two_path_tol
 from torch.testing import assert_close
 
 import fastpc as fpc
-from fastpc.learners.descent import Descent, Relaxation, Stack, minimize
+from fastpc.learners.descent import Descent, Relaxation, Stack, dot, minimize
 
 LEARNERS = fpc.list_learners()
 
@@ -250,6 +251,82 @@ def test_armijo_line_search_on_a_quadratic_closed_form(armijo):
     minimize(problem, Descent(T, lr=1.0, safeguard=True, armijo=armijo))
     contraction = 1 - min(1.0, 1.8 * (1 - armijo))
     assert_close(problem.v.views[0], v0 * contraction ** (T - 1), rtol=1e-9, atol=1e-15)
+
+
+class _SparseQuadratic(Relaxation):
+    """E(v) = ½κ Σ_{i ≥ k} ‖v_i‖² over stacked tensors v_0, v_1, ...: the first k are not in E,
+    their gradient is exactly zero (grad starts at tensor k, as sPC's does from the FF state).
+    ``whole``: per-tensor stacks, the gradient handed over with put (the compiled step's way)."""
+
+    def __init__(self, v0s, kappa, k, whole):
+        self.v, self.kappa, self.k, self.whole = Stack.of(v0s, v0s[0], per_tensor=whole), kappa, k, whole
+
+    def forward(self):
+        pass
+
+    def moved(self, start):
+        pass
+
+    def energy(self):
+        tail = self.v.tail(self.v.offsets[self.k])
+        return dot(tail, tail) * (0.5 * self.kappa)
+
+    def parts(self):
+        return self.energy()[None]
+
+    def grad(self, out):
+        out.put([None] * self.k + [t * self.kappa for t in self.v.views[self.k:]])
+        return self.v.offsets[self.k]
+
+    def states(self):
+        return list(self.v.views)
+
+
+def _sparse_v0():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(3, n, generator=g, dtype=torch.float64) for n in (2, 4, 1, 3)]
+
+
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("armijo", [0.0, 0.9])
+def test_line_search_on_a_sparse_quadratic_flat_and_per_tensor(whole, sync_free, armijo):
+    """The closed form of the quadratic test above with two tensors outside E, in a flat stack
+    and per tensor, branching and sync-free: the rejected first step (η·κ = 10) restores the
+    variables and the gradient from the tensor E starts at, the moving tensors contract by
+    (1 − min(1, 1.8(1 − armijo)))^(T−1), and the tensors outside E keep their values bit for bit."""
+    v0s, T = _sparse_v0(), 6
+    problem = _SparseQuadratic(v0s, 10.0, 2, whole)
+    minimize(problem, Descent(T, lr=1.0, safeguard=True, armijo=armijo), sync_free=sync_free)
+    contraction = 1 - min(1.0, 1.8 * (1 - armijo))
+    for i, (v, v0) in enumerate(zip(problem.v.views, v0s)):
+        if i < 2:
+            assert torch.equal(v, v0)
+        else:
+            assert_close(v, v0 * contraction ** (T - 1), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("opts", [dict(momentum=0.5), dict(optimizer="adam"), dict(momentum=0.5, safeguard=True)])
+def test_per_tensor_descent_equals_flat(opts):
+    """Momentum, Adam and the line search with momentum give the same variables and traces
+    on per-tensor stacks as on the flat buffer (sums in another order: to rounding), and leave
+    the tensors outside E untouched; plain SGD on ½κ‖v‖² has the closed form (1 − ηκ)^T."""
+    T, runs = 5, []
+    for whole in (False, True):
+        problem = _SparseQuadratic(_sparse_v0(), 3.0, 1, whole)
+        res = minimize(problem, Descent(T, lr=0.2, **opts), trace=True)
+        runs.append((problem.states(), res))
+    (flat, rf), (per, rp) = runs
+    tol = two_path_tol(torch.float64, 64)  # sums over the 24 entries, 5 steps on
+    for a, b in zip(flat, per, strict=True):
+        assert_close(b, a, **tol)
+    assert torch.equal(per[0], _sparse_v0()[0]) and torch.equal(flat[0], _sparse_v0()[0])
+    assert_close(torch.stack(rp.grad_norms), torch.stack(rf.grad_norms), **tol)
+    assert_close(torch.stack(rp.traces), torch.stack(rf.traces), **tol)
+    problem = _SparseQuadratic(_sparse_v0(), 3.0, 1, True)
+    minimize(problem, Descent(T, lr=0.2))
+    for v, v0 in zip(problem.v.views[1:], _sparse_v0()[1:]):
+        assert_close(v, v0 * (1 - 0.2 * 3.0) ** T, rtol=1e-12, atol=1e-15)
 
 
 def test_default_epc_update_stays_aligned_with_bp_where_fixed_step_does_not():

@@ -1,7 +1,8 @@
 """Gradient descent on an inference energy: the one loop every PC learner's inference runs.
 
 A learner describes its energy as a :class:`Relaxation` over variables stored back to back in
-one flat buffer (a :class:`Stack`: states for sPC, errors for ePC); :func:`minimize` runs
+one flat buffer, or as separate tensors in the compiled step (a :class:`Stack`: states for
+sPC, errors for ePC); :func:`minimize` runs
 ``iters`` steps of plain SGD, momentum or Adam on it, with the safeguard line search, traces
 and callbacks. The relaxation may declare that every variable before some offset of the stack
 has an exactly zero gradient (sPC from the feedforward state: the signal has not reached the
@@ -54,29 +55,41 @@ import torch
 
 from .. import distributed
 
-__all__ = ["Stack", "Relaxation", "Descent", "Workspace", "Minimized", "minimize", "batch_total", "BRANCH_ON_CPU"]
+__all__ = ["Stack", "Relaxation", "Descent", "Workspace", "Minimized", "minimize", "batch_total", "dot",
+           "BRANCH_ON_CPU"]
 
 BRANCH_ON_CPU = True  # False: the sync-free torch.where line search on the CPU too (tests use it)
 
 
 class Stack:
-    """Tensors of the given shapes back to back in one flat buffer: ``views[i]`` is tensor i
-    (contiguous), ``offsets[i]`` where it starts in ``flat``; a whole-set operation is one op."""
+    """Tensors of the given shapes: ``views[i]`` is tensor i, ``offsets[i]`` where it starts
+    in the variables taken as one vector. Either back to back in one flat buffer ``flat`` (the
+    eager loop: an operation on the variables from an offset on is one op on ``flat``'s tail)
+    or, ``per_tensor``, separate tensors (``flat`` None; code torch.compile traces: there a
+    write into a slice of one buffer becomes a scatter over all of it, while one op per tensor
+    costs nothing and leaves the tensors before the offset untouched)."""
 
-    def __init__(self, shapes: Sequence[torch.Size], like: torch.Tensor, zero: bool = False):
+    def __init__(self, shapes: Sequence[torch.Size], like: torch.Tensor, zero: bool = False,
+                 per_tensor: bool = False):
         self.shapes = [torch.Size(s) for s in shapes]
         sizes = [math.prod(s) for s in self.shapes]
         self.offsets = [0]
         for n in sizes:
             self.offsets.append(self.offsets[-1] + n)
-        self.flat = (like.new_zeros if zero else like.new_empty)(self.offsets[-1])
-        self.views = [t.view(s) for t, s in zip(self.flat.split_with_sizes(sizes), self.shapes)]
+        new = like.new_zeros if zero else like.new_empty
+        self.proto = like  # dtype and device
+        if per_tensor:
+            self.flat: torch.Tensor | None = None
+            self.views = [new(s) for s in self.shapes]
+        else:
+            self.flat = new(self.offsets[-1])
+            self.views = [t.view(s) for t, s in zip(self.flat.split_with_sizes(sizes), self.shapes)]
 
     @classmethod
-    def of(cls, tensors: Sequence[torch.Tensor], like: torch.Tensor, whole: bool = False) -> "Stack":
+    def of(cls, tensors: Sequence[torch.Tensor], like: torch.Tensor, per_tensor: bool = False) -> "Stack":
         """A new stack holding copies of ``tensors`` (dtype and device of ``like``)."""
-        stack = cls([t.shape for t in tensors], like)
-        stack.assign(list(tensors), whole)
+        stack = cls([t.shape for t in tensors], like, per_tensor=per_tensor)
+        stack.assign(list(tensors))
         return stack
 
     def index(self, offset: int) -> int:
@@ -87,28 +100,48 @@ class Stack:
         return i
 
     def like(self, zero: bool = False) -> "Stack":
-        return Stack(self.shapes, self.flat, zero)
+        return Stack(self.shapes, self.proto, zero, self.flat is None)
 
-    def assign(self, parts: Sequence[torch.Tensor | None], whole: bool = False) -> None:
-        """``views[i] = parts[i]`` (None: zero). ``whole``: one copy of the concatenation, for
-        code torch.compile traces (per-view writes become a chain of scatters over the buffer
-        that inductor fuses into one very slow kernel)."""
-        if not self.views:
-            return
-        if whole:
-            self.flat.copy_(torch.cat([self.flat.new_zeros(v.numel()) if p is None else p.reshape(-1)
-                                       for v, p in zip(self.views, parts)]))
-            return
+    def tail(self, offset: int) -> list[torch.Tensor]:
+        """The variables from ``offset`` on, to operate on in place: ``[flat[offset:]]``, or per
+        tensor the tensors from the one starting at ``offset`` (a tensor's start)."""
+        if self.flat is not None:
+            return [self.flat if offset == 0 else self.flat[offset:]]
+        return self.views[self.index(offset):]
+
+    def sub(self, first: int) -> Stack:
+        """The stack of the tensors from ``first`` on, sharing their memory (per tensor: the
+        tensors it holds now; :meth:`put` on either stack is not seen by the other)."""
+        sub, base = object.__new__(Stack), self.offsets[first]
+        sub.shapes, sub.views, sub.proto = self.shapes[first:], self.views[first:], self.proto
+        sub.flat = None if self.flat is None else self.flat[base:]
+        sub.offsets = [o - base for o in self.offsets[first:]]
+        return sub
+
+    def assign(self, parts: Sequence[torch.Tensor | None]) -> None:
+        """``views[i] = parts[i]``, copied (None: zero)."""
         for v, p in zip(self.views, parts):
             if p is None:
                 v.zero_()
             else:
                 v.copy_(p)
 
+    def put(self, parts: Sequence[torch.Tensor | None]) -> None:
+        """``views[i] = parts[i]`` where a part is given (None: unchanged); per tensor the part
+        itself becomes the tensor (no copy: the caller hands over new tensors)."""
+        for i, p in enumerate(parts):
+            if p is None:
+                continue
+            if self.flat is None:
+                self.views[i] = p
+            else:
+                self.views[i].copy_(p)
+
 
 class Relaxation(abc.ABC):
     """An inference energy E over the variables ``v`` as :func:`minimize` sees it. ``whole``:
-    write stacks whole (code torch.compile traces; see :meth:`Stack.assign`)."""
+    code torch.compile traces (the compiled step): its stacks are ``per_tensor`` (see
+    :class:`Stack`) and it writes them with :meth:`Stack.put`."""
 
     v: Stack
     whole: bool = False
@@ -132,8 +165,9 @@ class Relaxation(abc.ABC):
 
     @abc.abstractmethod
     def grad(self, out: Stack) -> int:
-        """Write ∇_v E at the last forward into ``out.flat[start:]`` and return ``start``: the
-        gradient before it is exactly zero (and ``out`` must already hold zeros there)."""
+        """Write ∇_v E at the last forward into ``out`` from offset ``start`` on and return
+        ``start``: the gradient before it is exactly zero (and ``out`` must already hold zeros
+        there where the loop reads it: the line search's restore)."""
 
     @abc.abstractmethod
     def states(self) -> list[torch.Tensor]:
@@ -180,24 +214,16 @@ AfterStep = Callable[[int], "bool | None"]
 
 
 class Workspace:
-    """Buffers kept from one inference to the next (a fresh large CPU buffer costs a page fault
+    """Stacks kept from one inference to the next (a fresh large CPU buffer costs a page fault
     per page on first touch, every step). ``busy`` while :func:`minimize` runs: an inference
     nested in its callback (and its relaxation) must make its own."""
 
     def __init__(self):
-        self._bufs: dict[str, torch.Tensor] = {}
         self._stacks: dict[str, Stack] = {}
         self.busy = False
 
-    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised buffer shaped like ``like``, the same object while that fits."""
-        b = self._bufs.get(name)
-        if b is None or b.shape != like.shape or b.dtype != like.dtype or b.device != like.device:
-            b = self._bufs[name] = torch.empty_like(like)
-        return b
-
     def stack(self, name: str, shapes: Sequence[torch.Size], like: torch.Tensor, zero: bool = False) -> Stack:
-        """An uninitialised (``zero``: zeroed) stack of these shapes (dtype and device of
+        """An uninitialised (``zero``: zeroed) flat stack of these shapes (dtype and device of
         ``like``), the same object while that fits (its views made once)."""
         st = self._stacks.get(name)
         if st is None or st.shapes != list(shapes) or st.flat.dtype != like.dtype or st.flat.device != like.device:
@@ -208,20 +234,22 @@ class Workspace:
 
 
 class _Adam:
-    """Adam on the states (β = 0.9, 0.999, ε = 1e-8), over a tail of the flat buffers."""
+    """Adam on the states (β = 0.9, 0.999, ε = 1e-8), over the tails of its stacks."""
 
-    def __init__(self, m: torch.Tensor, sq: torch.Tensor):
-        self.m, self.sq, self.t = m.zero_(), sq.zero_(), 0
+    def __init__(self, m: Stack, sq: Stack):
+        self.m, self.sq, self.t = m, sq, 0
 
-    def direction(self, g: torch.Tensor, lo: int) -> torch.Tensor:
+    def direction(self, g: list[torch.Tensor], lo: int) -> list[torch.Tensor]:
         b1, b2 = 0.9, 0.999
         self.t += 1
-        m, sq = _tail(self.m, lo), _tail(self.sq, lo)
-        m.lerp_(g, 1 - b1)
-        sq.mul_(b2).addcmul_(g, g, value=1 - b2)
         c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        den = (sq / c2).sqrt_().add_(1e-8)
-        return (m / den).mul_(1.0 / c1)
+        u = []
+        for m, sq, gi in zip(self.m.tail(lo), self.sq.tail(lo), g):
+            m.lerp_(gi, 1 - b1)
+            sq.mul_(b2).addcmul_(gi, gi, value=1 - b2)
+            den = (sq / c2).sqrt_().add_(1e-8)
+            u.append((m / den).mul_(1.0 / c1))
+        return u
 
 
 def minimize(
@@ -237,12 +265,12 @@ def minimize(
     ``after_step(t)`` runs after step t (1-based) with the problem forwarded at the new
     variables; returning True stops. ``sync_free``: never branch on a tensor's value (the
     line search selects with ``torch.where``; what torch.compile traces). ``workspace``: where
-    the scratch buffers come from (default: new ones).
+    the scratch buffers come from (default: new ones; a per-tensor ``problem.v`` makes its own).
     ``opts.tol`` needs host syncs and so does not combine with ``sync_free``. The problem is
     left forwarded at the final (accepted) variables."""
     if sync_free and opts.tol is not None:
         raise ValueError("a tolerance (tol) stops on a value: it cannot run sync-free (compiled)")
-    if workspace is not None and workspace.busy:
+    if workspace is not None and (workspace.busy or problem.v.flat is None):
         workspace = None
     if workspace is None:
         return _minimize(problem, opts, trace, after_step, sync_free, None)
@@ -260,59 +288,77 @@ def batch_total(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return distributed.batch_total(*scalars)
 
 
-def _grad_norm(gt: torch.Tensor) -> torch.Tensor:
+def dot(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
+    """⟨x, y⟩ of two variable tails (:meth:`Stack.tail`: one tensor or several, at least one),
+    a new 0-d tensor."""
+    total = None
+    for a, b in zip(xs, ys, strict=True):
+        d = torch.dot(a if a.dim() == 1 else a.reshape(-1), b if b.dim() == 1 else b.reshape(-1))
+        total = d if total is None else total + d
+    return total
+
+
+def _grad_norm(gt: list[torch.Tensor]) -> torch.Tensor:
     """‖g‖ over the whole (data-parallel: global) batch."""
-    if not distributed.reducing():
-        return torch.linalg.vector_norm(gt)
-    return batch_total(torch.dot(gt, gt))[0].sqrt()
+    if distributed.reducing():
+        return batch_total(dot(gt, gt))[0].sqrt()
+    if len(gt) == 1:
+        return torch.linalg.vector_norm(gt[0])
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in gt]))
 
 
-def _tail(t: torch.Tensor, lo: int) -> torch.Tensor:
-    return t if lo == 0 else t[lo:]
+def _select(rose: torch.Tensor, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+    """new = old where ``rose`` (a 0-d bool), in place, without a host sync."""
+    for a, b in zip(old, new):
+        torch.where(rose, a, b, out=b)
+
+
+def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    for a, b in zip(dst, src):
+        a.copy_(b)
 
 
 def _minimize(problem, opts, trace, after_step, sync_free, workspace):
     v = problem.v
-    flat, whole = v.flat, problem.whole
+    like = v.proto
 
     def stack(name: str, zero: bool = False) -> Stack:
-        return v.like(zero) if workspace is None else workspace.stack(name, v.shapes, flat, zero)
+        return v.like(zero) if workspace is None else workspace.stack(name, v.shapes, v.flat, zero)
 
     ls = opts.safeguard
-    # eager steps read g from its start on only, which grad has just written; a restore of the
+    # steps read g from its start on only, which grad has just written; a restore of the
     # line search reads g_prev below that, where it must hold zeros
-    g = stack("g", ls and problem.sparse_grad and not whole)
+    g = stack("g", ls and problem.sparse_grad)
     vel = adam = None
     if opts.optimizer == "adam":
-        adam = _Adam(*(torch.zeros_like(flat) if workspace is None else workspace.get(n, flat) for n in ("m", "sq")))
+        adam = _Adam(stack("m", True), stack("sq", True))
     elif opts.momentum > 0:
-        vel = torch.zeros_like(flat) if workspace is None else workspace.get("vel", flat).zero_()
+        vel = stack("vel", True)
     if ls:
-        step = torch.tensor(opts.lr, dtype=flat.dtype, device=flat.device)
-        prev_v, g_prev = stack("prev_v"), stack("g_prev", problem.sparse_grad and not whole)
-        tol, tiny = 8 * torch.finfo(flat.dtype).eps, torch.finfo(flat.dtype).tiny
-        branch = BRANCH_ON_CPU and flat.device.type == "cpu" and not sync_free
+        step = torch.tensor(opts.lr, dtype=like.dtype, device=like.device)
+        prev_v, g_prev = stack("prev_v"), stack("g_prev", problem.sparse_grad)
+        tol, tiny = 8 * torch.finfo(like.dtype).eps, torch.finfo(like.dtype).tiny
+        branch = BRANCH_ON_CPU and like.device.type == "cpu" and not sync_free
     traces: list[torch.Tensor] | None = [] if trace else None
     norms: list[torch.Tensor] | None = [] if trace else None
     stop_at = None if opts.tol is None else [opts.tol]  # becomes tol·‖g⁰‖ at the first step
     prev_e = prev_parts = pred = None
-    saved = start = flat.numel()  # prev_v holds flat[saved:]; nothing moves before flat[start:]
+    saved = start = v.offsets[-1]  # prev_v holds v from saved on; nothing moves before start
     t_run, converged = 0, False
     for t in range(opts.iters):
         problem.forward()
         e = problem.energy() if ls else None
         parts = problem.parts() if traces is not None else None
-        start = min(start, problem.grad(g))
-        lo = 0 if whole else start
+        lo = start = min(start, problem.grad(g))
         if ls:  # the batch sums the decisions read (pred: of the step taken last)
             e, pred = batch_total(e, pred) if pred is not None else (batch_total(e)[0], None)
         if ls and prev_e is not None:
-            e, parts, step = _line_search(problem, opts, t, e, parts, prev_e, prev_parts, pred, step, flat, g,
+            e, parts, step = _line_search(problem, opts, t, e, parts, prev_e, prev_parts, pred, step, v, g,
                                           prev_v, g_prev, vel, saved, lo, tol, tiny, branch)
         if ls:
-            _tail(prev_v.flat, lo).copy_(_tail(flat, lo))
+            _copy(prev_v.tail(lo), v.tail(lo))
             saved, prev_e, prev_parts = lo, e, parts
-        gt = _tail(g.flat, lo)
+        gt = g.tail(lo)
         if norms is not None or stop_at is not None:
             gn = _grad_norm(gt)
             if norms is not None:
@@ -330,15 +376,21 @@ def _minimize(problem, opts, trace, after_step, sync_free, workspace):
         if adam is not None:
             u = adam.direction(gt, lo)
         elif vel is not None:
-            u = _tail(vel, lo).mul_(opts.momentum).add_(gt)
+            u = vel.tail(lo)
+            for ui, gi in zip(u, gt):
+                ui.mul_(opts.momentum).add_(gi)
         else:
             u = gt
         if ls:
-            pred = torch.dot(gt, u)
-            _tail(flat, lo).addcmul_(u, step, value=-1.0)
+            pred = dot(gt, u)
+            for vi, ui in zip(v.tail(lo), u):
+                vi.addcmul_(ui, step, value=-1.0)
             g, g_prev = g_prev, g
         else:
-            _tail(flat, lo).add_(u, alpha=-opts.lr)
+            # sub_, the same numbers as add_(alpha=-lr): torch 2.13's inductor rewrites
+            # add(v, mm(a, b), alpha=α) to addmm(v, a, b), dropping α (ePC per tensor met it)
+            for vi, ui in zip(v.tail(lo), u):
+                vi.sub_(ui, alpha=opts.lr)
         problem.moved(start)
         t_run = t + 1
         if after_step is not None:
@@ -351,15 +403,15 @@ def _minimize(problem, opts, trace, after_step, sync_free, workspace):
         e_last, pred = batch_total(problem.energy(), pred)
         rose = e_last > prev_e - c * step * pred + tol * prev_e.abs()
         if not branch or bool(rose):
-            torch.where(rose, _tail(prev_v.flat, saved), _tail(flat, saved), out=_tail(flat, saved))
+            _select(rose, prev_v.tail(saved), v.tail(saved))
             problem.moved(start)
     problem.forward()
     if norms is not None:  # the distance to equilibrium where inference ended
-        norms.append(_grad_norm(_tail(g.flat, problem.grad(g))))
+        norms.append(_grad_norm(g.tail(problem.grad(g))))
     return Minimized(traces, t_run, norms)
 
 
-def _line_search(problem, opts, t, e, parts, prev_e, prev_parts, pred, step, flat, g, prev_v, g_prev, vel, saved,
+def _line_search(problem, opts, t, e, parts, prev_e, prev_parts, pred, step, v, g, prev_v, g_prev, vel, saved,
                  lo, tol, tiny, branch):
     """Test the step taken at iteration t − 1 (the t-th step): undo it when E rose above the
     Armijo bound (restoring the variables and their gradient), shrink η to fit the curvature
@@ -370,16 +422,20 @@ def _line_search(problem, opts, t, e, parts, prev_e, prev_parts, pred, step, fla
     fit = min(1.0, 1.8 * (1 - armijo))
     rose = e > prev_e - armijo * step * pred + tol * prev_e.abs()
     if not branch or bool(rose):
+        # the velocity is zero before lo: it has moved from lo on only (lo never grows)
         if branch:
-            _tail(flat, saved).copy_(_tail(prev_v.flat, saved))
-            _tail(g.flat, lo).copy_(_tail(g_prev.flat, lo))
+            _copy(v.tail(saved), prev_v.tail(saved))
+            _copy(g.tail(lo), g_prev.tail(lo))
             if vel is not None:  # a rejected step restarts the momentum
-                vel.zero_()
+                for w in vel.tail(lo):
+                    w.zero_()
         else:
-            torch.where(rose, _tail(prev_v.flat, saved), _tail(flat, saved), out=_tail(flat, saved))
-            torch.where(rose, _tail(g_prev.flat, lo), _tail(g.flat, lo), out=_tail(g.flat, lo))
+            _select(rose, prev_v.tail(saved), v.tail(saved))
+            _select(rose, g_prev.tail(lo), g.tail(lo))
             if vel is not None:
-                vel.mul_((~rose).to(flat.dtype))
+                keep = (~rose).to(v.proto.dtype)
+                for w in vel.tail(lo):
+                    w.mul_(keep)
         # quadratic φ(a) = E_old − a·pred + ½κa² through E_new at a = step
         curv = (2 * (e - prev_e + step * pred) / step.pow(2)).clamp_min(tiny)
         shrunk = torch.minimum(torch.maximum(fit * pred / curv, step * 1e-6), step * 0.5)

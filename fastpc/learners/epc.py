@@ -9,14 +9,6 @@ from .pc import Chain, ChainRelaxation, PCLearner
 from .registry import register_learner
 
 
-def _tail(stack: Stack, first: int) -> Stack:
-    """The stack of ``stack``'s tensors from ``first`` on, sharing its buffer."""
-    sub, base = object.__new__(Stack), stack.offsets[first]
-    sub.shapes, sub.views, sub.flat = stack.shapes[first:], stack.views[first:], stack.flat[base:]
-    sub.offsets = [o - base for o in stack.offsets[first:]]
-    return sub
-
-
 class _EPCRelaxation(ChainRelaxation):
     """ePC's energy over the errors v = (ε_1, ..., ε_{L-1}): the states are rebuilt by the
     perturbed forward pass s_1 = f_1(x) + ε_1, s_i = f_i(s_{i-1}) + ε_i (f_1(x) from the FF
@@ -33,13 +25,13 @@ class _EPCRelaxation(ChainRelaxation):
                  latent: torch.Tensor | None = None, prior: float = 0.0):
         super().__init__(chain, target, loss, whole)
         self.g = g = int(chain.x is None)
-        self.v = chain.stack("v", [chain.tapes[0].s.shape] * g + chain.state_shapes(), zero=errs0 is None)
+        self.v = chain.stack("v", [chain.tapes[0].s.shape] * g + chain.state_shapes(), errs0 is None, whole)
         if errs0 is None:  # the FF state: zero errors, the FF pass is the first forward
             self.s = [t.out for t in chain.tapes[:-1]]
         else:
-            self.v.assign([latent] * g + errs0, whole)
+            self.v.assign([latent] * g + errs0)
             self.s = [None] * (self.L - 1)
-        self.err, self.dirty = (_tail(self.v, 1) if g else self.v), errs0 is not None and self.L > 1 - g
+        self.err, self.dirty = (self.v.sub(1) if g else self.v), errs0 is not None and self.L > 1 - g
         if g:
             self.latent, self.prior = self.v.views[0], prior
             if errs0 is None:
@@ -75,7 +67,7 @@ class _EPCRelaxation(ChainRelaxation):
             else:
                 chain.vjp_into(0, d, out.views[0], self.latent * self.prior, 1.0)
         if self.whole:
-            out.assign(parts, True)
+            out.put(parts)
         return 0
 
     def states(self) -> list[torch.Tensor]:

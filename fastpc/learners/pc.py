@@ -37,7 +37,7 @@ from ..nets import frozen_batchnorm_stats
 from ..precision import AutocastOps, bf16_ops
 from . import compiled
 from .base import Equilibrium, Learner, StepResult, check_option
-from .descent import AfterStep, Descent, Minimized, Relaxation, Stack, Workspace, minimize
+from .descent import AfterStep, Descent, Minimized, Relaxation, Stack, Workspace, dot, minimize
 
 __all__ = ["NetOps", "Chain", "ChainRelaxation", "ChainLearner", "PCLearner", "StepCore"]
 
@@ -124,11 +124,12 @@ class Chain:
     def in_shapes(self) -> list[torch.Size]:
         return [t.s.shape for t in self.tapes]
 
-    def stack(self, name: str, shapes: list[torch.Size], zero: bool = False) -> Stack:
-        """A stack for a relaxation's variables or errors: the workspace's unless it is busy."""
+    def stack(self, name: str, shapes: list[torch.Size], zero: bool = False, per_tensor: bool = False) -> Stack:
+        """A stack for a relaxation's variables or errors: the workspace's unless it is busy
+        (``per_tensor``: a new per-tensor one, see :class:`~fastpc.learners.descent.Stack`)."""
         ws = self.workspace
-        if ws is None or ws.busy:
-            return Stack(shapes, self.like, zero)
+        if per_tensor or ws is None or ws.busy:
+            return Stack(shapes, self.like, zero, per_tensor)
         return ws.stack(name, shapes, self.like, zero)
 
     def state_shapes(self) -> list[torch.Size]:
@@ -183,8 +184,8 @@ class ChainRelaxation(Relaxation):
         return self._dout
 
     def energy(self) -> torch.Tensor:
-        tail = self.err.flat[self.err.offsets[self.nz - 1]:]
-        e = torch.dot(tail, tail).mul_(0.5).add_(self.cost())
+        tail = self.err.tail(self.err.offsets[self.nz - 1])  # per tensor: none when every error is zero
+        e = (dot(tail, tail).mul_(0.5) if tail else self.output.new_zeros(())).add_(self.cost())
         return e if self.latent is None else e.add_(E.latent_prior(self.latent, self.prior))
 
     def parts(self) -> torch.Tensor:
@@ -430,7 +431,7 @@ class PCLearner(ChainLearner):
         chain = Chain(netops, x)
         states0, out = chain.feedforward()
         target = E.dense_target(y, out)
-        problem = self._problem(chain, [s.clone() for s in states0], target, True, True)
+        problem = self._problem(chain, states0, target, True, True)
         if states0:
             minimize(problem, descent, sync_free=True)
         problem.forward()

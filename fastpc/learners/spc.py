@@ -30,9 +30,9 @@ class _SPCRelaxation(ChainRelaxation):
         super().__init__(chain, target, loss, whole)
         shapes = chain.state_shapes()
         self.g = g = int(chain.x is None)  # generative: views[i] is s_i, else s_{i+1}
-        self.v = chain.stack("v", [chain.tapes[0].s.shape] * g + shapes)
-        self.v.assign(states0, whole)
-        self.err = chain.stack("err", shapes, zero=bool(g))  # ε_i is read from layer nz on only
+        self.v = chain.stack("v", [chain.tapes[0].s.shape] * g + shapes, per_tensor=whole)
+        self.v.assign(states0)
+        self.err = chain.stack("err", shapes, bool(g), whole)  # ε_i is read from layer nz on only
         self.nz = 1 if g else self.L
         self.from_ff, self.stale = from_ff, (self.L if from_ff else 1 - g)
         if g:
@@ -57,7 +57,7 @@ class _SPCRelaxation(ChainRelaxation):
             chain.forward(k, s[k - 1 + g])
         self.nz = min(self.nz, max(lo, 1))
         if self.whole:
-            self.err.assign([None if j + 1 < self.nz else s[j + g] - chain.tapes[j].out for j in range(L - 1)], True)
+            self.err.put([None if j + 1 < self.nz else s[j + g] - chain.tapes[j].out for j in range(L - 1)])
         else:  # ε_i = s_i − μ_i for every i whose state or prediction moved (views index i - 1)
             for j in range(max(lo, 1) - 1, L - 1):
                 torch.sub(s[j + g], chain.tapes[j].out, out=eps[j])
@@ -78,7 +78,7 @@ class _SPCRelaxation(ChainRelaxation):
             else:
                 chain.vjp_into(i, g, out.views[i - 1 + o], acc, sign)
         if self.whole:
-            out.assign(parts, True)
+            out.put(parts)
         return 0 if o else out.offsets[lo - 1]
 
     def states(self) -> list[torch.Tensor]:
