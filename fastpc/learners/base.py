@@ -306,6 +306,9 @@ class Learner(abc.ABC):
             self.skipped_updates += 1
             return False
         opt.step()
+        # the fused Adam/AdamW kernels change the weights in place without bumping their version
+        # counters, which is how caches of the weights (bf16's copies, fastpc.precision) see a change
+        torch.autograd.graph.increment_version([p for g in opt.param_groups for p in g["params"]])
         return True
 
     # ---- pieces subclasses compose ----------------------------------------------------
