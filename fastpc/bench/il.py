@@ -33,7 +33,7 @@ from fastpc import diagnostics as D
 from fastpc import energy as E
 from fastpc.optim import MQ
 
-from .suite import begin, fmnist, machine
+from .suite import begin, fmnist, machine, train_epoch
 
 __all__ = [
     "OPTIMIZER_VARIANTS",
@@ -178,14 +178,8 @@ def train_cell(part: str, arch: str, v: Variant, seed: int, loaders, epochs: int
     cell = Cell(part, arch, v.label, seed, T, [], [], [], 0)
     spent = 0.0
     for epoch in range(epochs):
-        loaders.train.set_epoch(epoch)
-        for x, y in loaders.train:
-            t0 = time.perf_counter()
-            loss = float(learner.step(x, y).loss)
-            spent += time.perf_counter() - t0
-            if not math.isfinite(loss):
-                cell.diverged = True
-                break
+        seconds, _, cell.diverged = train_epoch(learner, loaders.train, epoch)
+        spent += seconds
         acc, test_loss = evaluate(net, loaders.test)
         cell.accs.append(acc)
         cell.losses.append(test_loss)

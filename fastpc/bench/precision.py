@@ -36,7 +36,7 @@ import fastpc as fpc
 
 from ..precision import autocast
 from ..runtime import flush_denormals
-from .suite import begin, fmnist, machine
+from .suite import begin, fmnist, machine, train_epoch
 
 __all__ = ["VARIANTS", "Cell", "add_arguments", "cpu_bf16_support", "run", "train_cell"]
 
@@ -114,16 +114,8 @@ def train_cell(variant: str, precision: str, seed: int, loaders, epochs: int, lr
     sched = torch.optim.lr_scheduler.LambdaLR(learner.optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / total)))
     steps, spent, diverged = 0, 0.0, False
     for epoch in range(epochs):
-        loaders.train.set_epoch(epoch)
-        for x, y in loaders.train:
-            t0 = time.perf_counter()
-            loss = float(learner.step(x, y).loss)
-            spent += time.perf_counter() - t0
-            sched.step()
-            steps += 1
-            if not math.isfinite(loss):
-                diverged = True
-                break
+        seconds, n, diverged = train_epoch(learner, loaders.train, epoch, sched.step)
+        steps, spent = steps + n, spent + seconds
         if diverged:
             break
     cell = Cell(variant, precision, seed, steps, spent, _accuracy(net, loaders.test, "fp32"),

@@ -1,18 +1,22 @@
-"""What every accuracy suite (depth, init, il, ep) does before and around its cells: the
-machine line its results name, the thread count, the output folder and the command to record."""
+"""What every accuracy suite (depth, init, il, ep, precision) does before and around its cells:
+the machine line its results name, the thread count, the output folder and the command to
+record, and a timed training epoch."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shlex
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-__all__ = ["machine", "begin", "fmnist"]
+__all__ = ["machine", "begin", "fmnist", "train_epoch"]
 
 
 def machine() -> str:
@@ -45,3 +49,21 @@ def fmnist(args: argparse.Namespace, seed: int, n_train: int | None = None, n_te
     if n_test:
         te = BatchLoader(te.x[:n_test], te.y[:n_test], 1000, seed, shuffle=False)
     return ld._replace(train=tr, test=te)
+
+
+def train_epoch(learner, loader, epoch: int, after_step: Callable[[], None] | None = None) -> tuple[float, int, bool]:
+    """``learner.step`` over ``loader``'s batches of ``epoch`` -> (seconds spent in the steps,
+    steps run, whether a loss was not finite: the epoch stops at that step). ``after_step()``
+    runs after every step (a learning-rate schedule), outside the timing."""
+    loader.set_epoch(epoch)
+    spent, steps = 0.0, 0
+    for x, y in loader:
+        t0 = time.perf_counter()
+        loss = float(learner.step(x, y).loss)
+        spent += time.perf_counter() - t0
+        steps += 1
+        if after_step is not None:
+            after_step()
+        if not math.isfinite(loss):
+            return spent, steps, True
+    return spent, steps, False
