@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from fastpc.distributed import part
 from fastpc.errors import UserError
 
-__all__ = ["BatchLoader", "make_generator", "random_crop_flip", "split_indices"]
+__all__ = ["BatchLoader", "make_generator", "shuffled_order", "batches_per_epoch", "check_shard", "random_crop_flip",
+           "split_indices"]
 
 _STREAM_ORDER, _STREAM_AUGMENT, _STREAM_VAL_SPLIT = 0, 1, 2
 
@@ -36,6 +37,27 @@ def make_generator(seed: int, epoch: int = 0, stream: int = 0) -> torch.Generato
     g = torch.Generator()
     g.manual_seed((int(state[0]) << 32 | int(state[1])) & ((1 << 63) - 1))
     return g
+
+
+def shuffled_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of ``range(n)`` for epoch ``epoch``: drawn from ``(seed, epoch)`` only,
+    so every process of a data-parallel run and a resumed run draw the same."""
+    return torch.randperm(n, generator=make_generator(seed, epoch, _STREAM_ORDER))
+
+
+def batches_per_epoch(n: int, batch_size: int, drop_last: bool, world: int = 1) -> int:
+    """Global batches of ``n`` examples per epoch; over ``world`` processes a last batch with
+    fewer examples than processes is dropped (some would get none)."""
+    if world > 1 and not drop_last and 0 < n % batch_size < world:
+        return n // batch_size
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def check_shard(rank: object, world: object) -> tuple[int, int]:
+    """``(rank, world)`` of a data-parallel process, or ``ValueError`` unless 0 <= rank < world."""
+    if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"shard needs 0 <= rank < world, got rank={rank!r}, world={world!r}")
+    return rank, world
 
 
 def split_indices(n: int, val_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,10 +165,7 @@ class BatchLoader:
             rnd = math.floor if self.drop_last else math.ceil
             chunks = sum(rnd(len(ix) / self._chunk) for ix in self._class_idx)
             return rnd(chunks / self.classes_per_batch)
-        n = len(self.x)
-        if self.world > 1 and not self.drop_last and 0 < n % self.batch_size < self.world:
-            return n // self.batch_size  # a last batch smaller than the process count is dropped
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return batches_per_epoch(len(self.x), self.batch_size, self.drop_last, self.world)
 
     def shard(self, rank: int, world: int) -> None:
         """Data parallel: yield process ``rank``'s part of every global batch (of ``world``
@@ -155,9 +174,7 @@ class BatchLoader:
         augmentation from ``(seed, epoch)``, so the parts of all processes together are exactly
         the batches of one process. A last batch with fewer examples than processes is dropped
         (some would get none)."""
-        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
-            raise ValueError(f"shard needs 0 <= rank < world, got rank={rank!r}, world={world!r}")
-        self.rank, self.world = rank, world
+        self.rank, self.world = check_shard(rank, world)
 
     def _part(self, n: int) -> slice:
         return part(n, self.rank, self.world)
@@ -201,8 +218,7 @@ class BatchLoader:
             g = make_generator(self.seed, epoch, _STREAM_ORDER)
             index_batches = (b.to(self.device) for b in self._grouped_batches(g))
         elif self.shuffle:
-            perm = torch.randperm(len(self.x), generator=make_generator(self.seed, epoch, _STREAM_ORDER))
-            perm = perm.to(self.device)
+            perm = shuffled_order(len(self.x), self.seed, epoch).to(self.device)
             index_batches = (perm[i * self.batch_size:(i + 1) * self.batch_size] for i in range(len(self)))
         else:
             index_batches = None

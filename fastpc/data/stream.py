@@ -13,8 +13,8 @@ batch with Pillow in ``torch.utils.data.DataLoader`` worker processes:
 Workers hand back uint8 ``(B, 3, H, W)`` batches (pinned on CUDA); normalisation
 ``(x / 255 - mean) / std`` runs on the target device, in the same float32 operations as
 :func:`fastpc.data.normalize`. Reproducible: the epoch's order is the seeded global order of
-:class:`~fastpc.data.BatchLoader` (:func:`~fastpc.data.loader.make_generator` of
-``(seed, epoch, 0)``), and each example's crop and flip come from a generator seeded by
+:class:`~fastpc.data.BatchLoader` (:func:`~fastpc.data.loader.shuffled_order`, from
+``(seed, epoch)``), and each example's crop and flip come from a generator seeded by
 ``(seed, epoch, example index)``, so a resumed run (``set_epoch``) sees the same crops as an
 uninterrupted one, whatever ``workers`` is.
 """
@@ -34,7 +34,7 @@ from PIL import Image
 from fastpc.errors import UserError
 
 from .imagefolder import open_rgb
-from .loader import make_generator
+from .loader import batches_per_epoch, check_shard, make_generator, shuffled_order
 
 __all__ = ["StreamLoader", "ImageFolderStream", "EVAL_RESIZE", "STREAM_AUTO_SIZE", "STREAM_AUTO_IMAGES",
            "default_workers", "resolve_stream", "train_crop_box", "eval_size"]
@@ -42,7 +42,6 @@ __all__ = ["StreamLoader", "ImageFolderStream", "EVAL_RESIZE", "STREAM_AUTO_SIZE
 EVAL_RESIZE = 256 / 224  # evaluation: shorter side to image_size * 256/224, then center crop
 STREAM_AUTO_SIZE = 128  # data.stream auto: stream image folders at image_size >= this ...
 STREAM_AUTO_IMAGES = 50_000  # ... or with more training images than this
-_ORDER_STREAM = 0  # make_generator's stream of BatchLoader's shuffled order (loader.py)
 _CROP_STREAM = 3  # this module's per-example crop/flip generators
 _SCALE, _RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
@@ -228,18 +227,13 @@ class StreamLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (after :meth:`shard`: global batches every process has a part of)."""
-        n = self.num_examples
-        if self.world > 1 and not self.drop_last and 0 < n % self.batch_size < self.world:
-            return n // self.batch_size  # a last batch smaller than the process count is dropped
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return batches_per_epoch(self.num_examples, self.batch_size, self.drop_last, self.world)
 
     def shard(self, rank: int, world: int) -> None:
         """Data parallel: yield process ``rank``'s part of every global batch (of ``world``
         processes), cut as :meth:`fastpc.data.BatchLoader.shard` cuts it (``torch.tensor_split``:
         consecutive parts); crops are per example, so they do not depend on the sharding."""
-        if not (isinstance(world, int) and world >= 1 and isinstance(rank, int) and 0 <= rank < world):
-            raise ValueError(f"shard needs 0 <= rank < world, got rank={rank!r}, world={world!r}")
-        self.rank, self.world = rank, world
+        self.rank, self.world = check_shard(rank, world)
 
     @property
     def num_examples(self) -> int:
@@ -252,8 +246,7 @@ class StreamLoader:
     def index_batches(self, epoch: int) -> Iterator[torch.Tensor]:
         """This rank's example indices of each batch of ``epoch``."""
         n = self.num_examples
-        order = torch.randperm(n, generator=make_generator(self.seed, epoch, _ORDER_STREAM)) if self.shuffle \
-            else torch.arange(n)
+        order = shuffled_order(n, self.seed, epoch) if self.shuffle else torch.arange(n)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield torch.tensor_split(idx, self.world)[self.rank] if self.world > 1 else idx
