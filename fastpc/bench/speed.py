@@ -7,7 +7,9 @@ repeat (median over repeats), so ratios come from one run on one machine:
   and steps per second of bp, spc, epc (fast path) and of spc / epc on the generic autograd
   path; every ratio to bp; spc ÷ PCX when a PCX interpreter is given (``--pcx-python`` or
   ``FASTPC_PCX_PYTHON``; PCX runs ``fastpc/bench/pcx_speed.py`` in its own environment on the
-  same batches); epc ÷ bp against the ratio of their analytic FLOP counts.
+  same batches); epc ÷ bp against the ratio of their analytic FLOP counts. With ``--baseline DIR``
+  another fastpc checkout's bp / spc / epc too, in a worker process (``baseline_client.py``),
+  interleaved with the rest; ratios of the current engine to it.
 - A wide MLP (4 layers × 1024, batch 256): achieved GFLOP/s of a spc / epc training step
   against the machine's measured fp32 matmul rate.
 - VGG-5 (``width_mult`` shrunk for a CPU) on Fashion-MNIST: bp, spc, epc per epoch.
@@ -38,6 +40,7 @@ import torch
 import fastpc as fpc
 
 from ..runtime import available_cores, flush_denormals, pick_threads
+from .baseline_client import BaselineRun, resolve_baseline
 from .pcx_client import PCX_SCRIPT, start_pcx
 from .speed_report import EpochRow, MlpRow, VggRow, WideRow, command_line, json_default, machine_info, markdown
 
@@ -69,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave out the compiled-step rows (compiling takes ~15 s to a few minutes per net on a "
                         "2-core CPU; left out by default with --quick)")
     p.add_argument("--compile", dest="compile", action="store_true", help="time the compiled step even with --quick")
+    p.add_argument("--baseline", default="", metavar="DIR",
+                   help="also time bp/spc/epc of the fastpc package in DIR (another checkout, e.g. from "
+                        "'git archive REV | tar -x -C DIR') on the MLPs, interleaved with the current one")
+    p.add_argument("--baseline-label", default="", metavar="TEXT",
+                   help="the baseline's name in the tables (default: DIR's short commit if it is a git "
+                        "checkout, else its folder name)")
     p.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false",
                    help="leave subnormal floats as they are (flushed to zero by default, as in training)")
 
@@ -232,6 +241,7 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
             print(f"  {depth}x128 {c.label}: first step (compiling) {c.compile_s:.1f} s")
         c.count_flops(*batches[0])
     worker, pcx = start_pcx(args, widths, batches)
+    base = BaselineRun(args, widths, batches) if args.baseline else None
     chunk = max(1, args.chunk)
     pcx_times: list[float] = []
     for r in range(repeats):
@@ -246,6 +256,8 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
                     spent[c.label] += c.time_chunk(part)
             if worker is not None:
                 pcx_s += worker.time_pass(start, len(part)) * len(part)
+            if base is not None:
+                base.chunk(start, len(part))
         for c in cases:
             if "generic" in c.label:
                 c.time(batches[:n_generic])
@@ -255,6 +267,8 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
         if worker is not None:
             pcx_times.append(pcx_s / len(batches))
             note = f", PCX spc {pcx_times[-1] * 1e3:.2f} ms"
+        if base is not None:
+            note += base.end_repeat(len(batches))
         print(f"  {depth}x128 repeat {r + 1}/{repeats}: "
               + ", ".join(f"{c.label} {c.times[-1] * 1e3:.2f} ms" for c in cases) + note)
     if worker is not None:
@@ -291,6 +305,10 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
     out["epc_flop_ratio"] = ef / flops["bp"]
     out["epc_over_bp_vs_flops"] = out["epc_over_bp"] / out["epc_flop_ratio"]
     out["fast_speedup"] = {"spc": s["spc (generic)"] / s["spc"], "epc": s["epc (generic)"] / s["epc"]}
+    if base is not None:
+        base_rows, out["baseline"] = base.results(s, steps_per_epoch, len(batches),
+                                                  (pcx or {}).get("step_s"), out["epc_flop_ratio"])
+        rows += base_rows
     out["drift"] = step_drift({c.label: c.step_times for c in cases if "generic" not in c.label})
     if args.compile:
         out["epc_compiled_over_bp"] = s["epc (compiled)"] / bp
@@ -370,6 +388,10 @@ def _sections(args, res, X, Y, quick, n_batches, n_generic, repeats) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    bad = resolve_baseline(args)  # a DIR without fastpc: one line, before anything is timed
+    if bad:
+        print(f"speed: {bad}", file=sys.stderr)
+        return 2
     args.skip_set = {s.strip() for s in args.skip.split(",") if s.strip()}
     args.threads = _pick_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -386,9 +408,12 @@ def run(args: argparse.Namespace) -> int:
     except fpc.UserError as e:
         print(f"speed: {e} (or pass --synthetic)", file=sys.stderr)
         return 2
-    res: dict[str, Any] = {"command": command_line(bool(args.pcx_python), getattr(args, "argv", None)),
+    res: dict[str, Any] = {"command": command_line(bool(args.pcx_python), getattr(args, "argv", None),
+                                                   baseline=(args.baseline, args.baseline_label)),
                            "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(), "data": data_name, "repeats": repeats, "quick": quick,
                            "chunk": args.chunk}
+    if args.baseline:
+        res["baseline"] = {"dir": args.baseline, "label": args.baseline_label}
     if not args.pcx_python:
         print("speed: no PCX interpreter given (--pcx-python or FASTPC_PCX_PYTHON): the PCX column is skipped")
     res["flush_denormal"] = args.flush_denormal

@@ -28,7 +28,8 @@ class _Row:
 
 @dataclass
 class EpochRow(_Row):
-    """One algorithm on an MLP of the suite, timed over the MLP section's batches (PCX's row)."""
+    """One algorithm on an MLP of the suite, timed over the MLP section's batches (the rows of PCX
+    and of a ``--baseline`` checkout; ``ratio_to_bp`` is to the current bp's step there too)."""
 
     algo: str
     step_s: float
@@ -123,7 +124,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"Python {m['python']}  ",
              f"Load average at start / end: {_fmt_load(m.get('loadavg_start'))} / {_fmt_load(m.get('loadavg_end'))}  ",
              f"Data: {res['data']}; repeats {res['repeats']} (median); on the MLPs every algorithm, PCX "
-             f"included, runs {res.get('chunk', '?')} batches in turn (then the next), so machine drift falls on all "
+             f"{'and the baseline ' if res.get('baseline') else ''}included, runs {res.get('chunk', '?')} batches in turn (then the next), so machine drift falls on all "
              "alike; the generic-path rows and the other sections take turns once per repeat.  ",
              f"Measured fp32 matmul rate (1024² torch.mm): **{res['matmul_gflops']:.1f} GFLOP/s**", ""]
     for sec in res.get("mlp", []):
@@ -154,6 +155,8 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"- fastpc epc ÷ bp: **{sec['epc_over_bp']:.2f}**; analytic FLOP ratio {sec['epc_flop_ratio']:.2f} "
                      f"→ {sec['epc_over_bp_vs_flops']:.2f} × the FLOP ratio (target ≤ 1.15: "
                      f"{'met' if sec['epc_over_bp'] <= lim else 'missed'}).")
+        if "baseline" in sec:
+            lines.append(_baseline_line(sec))
         if "epc_compiled_over_bp" in sec:
             v = sec["epc_compiled_over_bp"]
             lines.append(f"- compiled epc ÷ bp: **{v:.2f}** → {v / sec['epc_flop_ratio']:.2f} × the FLOP ratio "
@@ -196,13 +199,29 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _baseline_line(sec: dict[str, Any]) -> str:
+    """The bullet comparing the current engine with the ``--baseline`` checkout in an MLP section."""
+    b = sec["baseline"]
+    if "error" in b:
+        return f"- baseline {b['label']} failed: {b['error']}"
+    parts = []
+    if "spc_over_pcx" in b:
+        parts.append(f"spc ÷ PCX {b['spc_over_pcx']:.2f} (current {_fmt(sec.get('spc_over_pcx'))})")
+    parts.append(f"epc ÷ bp ÷ FLOP ratio {b['epc_over_bp_vs_flops']:.2f} (current {sec['epc_over_bp_vs_flops']:.2f})")
+    parts.append("current ÷ baseline step time: "
+                 + ", ".join(f"{a} {v:.2f}" for a, v in b["current_over_baseline"].items()))
+    return f"- baseline {b['label']} (same run, interleaved): " + "; ".join(parts)
+
+
 def _fmt_load(load) -> str:
     return "?" if not load else ", ".join(f"{v:.2f}" for v in load)
 
 
-def command_line(pcx: bool, suite_argv: list[str] | None) -> str:
+def command_line(pcx: bool, suite_argv: list[str] | None, baseline: tuple[str, str] | None = None) -> str:
     """The invocation (``fastpc bench speed ARGS`` when run through the CLI, else this process's
-    command line); a local PCX interpreter path becomes ``FASTPC_PCX_PYTHON=<pcx venv python>``."""
+    command line); a local PCX interpreter path becomes ``FASTPC_PCX_PYTHON=<pcx venv python>``.
+    ``baseline`` (DIR, label), when DIR is set, is added as ``--baseline DIR --baseline-label
+    LABEL`` if the arguments do not already name it (a suite run from Python)."""
     if suite_argv is not None:
         argv = ["fastpc", "bench", "speed", *suite_argv]
     else:
@@ -216,5 +235,7 @@ def command_line(pcx: bool, suite_argv: list[str] | None) -> str:
             skip = True
         elif not a.startswith("--pcx-python="):
             kept.append(a)
+    if baseline and baseline[0] and not any(a.startswith("--baseline") for a in kept[1:]):
+        kept += ["--baseline", baseline[0], "--baseline-label", baseline[1]]
     cmd = shlex.join(kept)
     return ("FASTPC_PCX_PYTHON=<pcx venv>/bin/python " + cmd) if pcx else cmd
