@@ -24,14 +24,11 @@ transposed, (W sᵀ + b)ᵀ, and hands out that transposed view.
 
 Batch norm: a block in train mode updates its running statistics on every forward; callers
 wrap inference and the local weight update in :func:`fastpc.nets.frozen_batchnorm_stats`.
-
 The pre-activation split (EP's mod-PGD): :func:`preactivation_split` returns (the block without
 its final activation, the activation) for a ``Sequential`` ending in one of :data:`ACTIVATIONS`
-and raises ``ValueError`` otherwise. The ops of a block without that split (an output head
-ending in Linear, a ``BasicBlock``) take the identity as ``act``: the whole output is then its
-own pre-activation.
-
-The tensors of a :class:`Tape` are read-only (the fallback's autograd graph saves them).
+and raises ``ValueError`` otherwise; the ops of a block without it (a head ending in Linear, a
+``BasicBlock``) take the identity as ``act``. The tensors of a :class:`Tape` are read-only (the
+fallback's autograd graph saves them).
 """
 
 from __future__ import annotations
@@ -94,8 +91,7 @@ class BlockFlops:
 
 
 def _accumulate(p: torch.Tensor, grad: torch.Tensor, scale: Scale, fresh: bool = True) -> None:
-    """p.grad += scale · grad (p.grad = scale · grad when None). ``fresh``: ``grad`` is a new
-    tensor nobody else holds, so it may become ``p.grad`` or be scaled in place."""
+    """p.grad += scale · grad (= when None); ``fresh``: ``grad`` is new, may become ``p.grad``."""
     if p.grad is None:
         if not isinstance(scale, torch.Tensor) and scale == 1.0:
             p.grad = grad if fresh else grad.clone()
@@ -369,8 +365,7 @@ def _op(m: nn.Module, plain: bool) -> _Op | None:
 
 
 def _no_grad(fn: Callable) -> Callable:
-    """``fn`` under ``torch.no_grad`` (entered only when grad mode is on: callers in
-    inference already run without it, and entering the context costs more than the check)."""
+    """``fn`` under ``torch.no_grad``, entered only when grad mode is on (inference runs without)."""
 
     def call(*args):
         if not torch.is_grad_enabled():
@@ -400,6 +395,12 @@ class AnalyticOps(BlockOps):
         dense = kinds[f:f + 1] == [_Linear] and kinds[f + 1:] in ([], [_Activation])
         self._dense = (ops[0].end_dim if f else None, ops[f], ops[-1] if kinds[-1] is _Activation else None) \
             if dense else None
+
+    @property
+    def linear_pre(self) -> bool:
+        """Whether ``tape.pre`` is a Linear's output on the input ([Flatten] Linear [activation]):
+        a NaN or inf in an input row makes that row of ``pre`` non-finite (inf·0 is NaN)."""
+        return self._dense is not None
 
     @_no_grad
     def forward(self, s: torch.Tensor) -> Tape:

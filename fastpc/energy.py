@@ -53,10 +53,12 @@ def check_loss(loss: str) -> str:
     return loss
 
 
-def check_target(y: torch.Tensor, out_shape: Sequence[int], loss: str) -> None:
+def check_target(y: torch.Tensor, out_shape: Sequence[int], loss: str, index_range: bool = True) -> None:
     """Raise ``ValueError``/``TypeError`` unless ``y`` is a target for outputs of ``out_shape``:
     class indices (int64, shape (B,), in [0, C)) or a dense floating tensor of the output's
-    shape (soft labels for ``ce``, any values for ``mse``)."""
+    shape (soft labels for ``ce``, any values for ``mse``). ``index_range=False`` leaves the
+    range of class indices on the CPU to :func:`one_hot` (its scatter checks every index anyway,
+    and raises the same error)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor of class indices (B,) or a dense target {tuple(out_shape)}, "
                         f"got {type(y).__name__}")
@@ -65,9 +67,8 @@ def check_target(y: torch.Tensor, out_shape: Sequence[int], loss: str) -> None:
         if y.shape != (B,) or len(out_shape) != 2:
             raise ValueError(f"class-index y must have shape ({B},) for outputs {tuple(out_shape)}, "
                              f"got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out_shape[1]):
-            raise ValueError(f"class indices in y must lie in [0, {out_shape[1]}), "
-                             f"got values in [{int(y.min())}, {int(y.max())}]")
+        if index_range or y.device.type != "cpu":
+            _check_index_range(y, out_shape[1])
         return
     if not y.is_floating_point():
         raise TypeError(f"y must be int64 class indices or a floating dense target, got dtype {y.dtype}")
@@ -82,10 +83,24 @@ def check_target(y: torch.Tensor, out_shape: Sequence[int], loss: str) -> None:
                              "(entries >= 0 summing to 1); use loss 'mse' for other targets")
 
 
+def _check_index_range(y: torch.Tensor, num_classes: int) -> None:
+    lo, hi = (t.item() for t in torch.aminmax(y)) if y.numel() else (0, 0)  # one reduction
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"class indices in y must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+
+
 def one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """y (B,) int64 → (B, num_classes) one-hot in ``dtype`` (one scatter, no range check:
-    F.one_hot's costs a device sync)."""
-    return torch.zeros(y.shape[0], num_classes, dtype=dtype, device=y.device).scatter_(1, y.unsqueeze(1), 1.0)
+    """y (B,) int64 → (B, num_classes) one-hot in ``dtype`` (one scatter; F.one_hot's range check
+    costs a device sync). On the CPU the scatter checks every index: an index outside
+    [0, num_classes) raises :func:`check_target`'s ``ValueError``."""
+    z = torch.zeros(y.shape[0], num_classes, dtype=dtype, device=y.device)
+    try:
+        return z.scatter_(1, y.unsqueeze(1), 1.0)
+    except RuntimeError as e:
+        if "out of bounds" not in str(e):
+            raise
+        _check_index_range(y, num_classes)
+        raise
 
 
 def dense_target(y: torch.Tensor, yhat: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,27 @@ def test_bad_batches_are_refused_at_the_door_and_leave_the_weights(name, case):
 
 
 @pytest.mark.parametrize("name", LEARNERS)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_bad_x_is_refused_when_the_first_linear_ignores_it(name, bad):
+    """spc/epc read the first Linear's output (W x + b) for the finiteness test, x only when that
+    is not finite: an inf met by an all-zero weight column still shows (inf·0 is NaN), and a
+    ReLU after it cannot hide it (the test reads the pre-activation)."""
+    torch.manual_seed(0)
+    net = fpc.mlp([6, 8, 3], act="relu")
+    with torch.no_grad():
+        next(m for m in net.blocks[0] if isinstance(m, torch.nn.Linear)).weight[:, 2] = 0.0
+    lrn = fpc.make_learner(name, net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    before = _snapshot(lrn)
+    x = X.clone()
+    x[1, 2] = bad
+    for call in (lrn.step, lrn.grads):
+        with pytest.raises(ValueError, match="x holds NaN or inf"):
+            call(x, Y)
+    for a, b in zip(before, _snapshot(lrn)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", LEARNERS)
 def test_int32_labels_are_class_indices(name):
     a, b = _learner(name), _learner(name)
     a.step(X, Y)
@@ -100,3 +121,14 @@ def test_optimizer_must_be_an_optimizer(name):
         fpc.make_learner(name, fpc.mlp([6, 8, 3]), optimizer="adam")
     with pytest.raises(TypeError, match="a learner needs a fastpc.PCNet"):
         fpc.make_learner(name, torch.nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+@pytest.mark.parametrize("where", [0, 1, 2])  # a large gradient (read by aminmax), a small one, the last
+def test_the_finiteness_test_of_the_update_path(bad, where):
+    from fastpc.learners.base import _all_finite
+
+    ts = [torch.randn(300, 300), torch.randn(7), torch.randn(20, 30, dtype=torch.float64)]
+    if bad is not None:
+        ts[where].view(-1)[5] = bad
+    assert _all_finite(ts) is (bad is None)

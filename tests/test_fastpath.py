@@ -148,6 +148,49 @@ def test_spc_from_the_ff_state_skips_the_layers_the_signal_has_not_reached():
     assert 0 < spc.last_flops < 0.4 * epc.last_flops
 
 
+@pytest.mark.parametrize("opts", [{}, dict(momentum=0.5), dict(state_optimizer="adam"), dict(incremental=True),
+                                  dict(init="normal")])
+def test_spc_gradient_written_over_its_errors_changes_no_bit(opts, monkeypatch):
+    """sPC's plain loop writes ∇E over its own error buffer (``grad_scratch``: one addmm in place,
+    no copy of ε into a gradient buffer); the same kernels on the same numbers as writing it
+    into a separate buffer, so the same bits, at a depth where the FF states of the layers the
+    signal has not reached are never copied into the state buffer."""
+    from fastpc.learners.spc import _SPCRelaxation
+
+    torch.manual_seed(0)
+    net = fpc.mlp([16] + [7] * 7 + [5]).double()
+    a, b = _learners("spc", net, fasts=(True, True), iters=5, state_lr=0.1, **opts)
+    xs, ys = _data(n=2)
+    for x, y in zip(xs, ys):
+        torch.manual_seed(1)
+        ra = a.step(x, y)
+        monkeypatch.setattr(_SPCRelaxation, "grad_scratch", property(lambda self: None))
+        torch.manual_seed(1)
+        rb = b.step(x, y)
+        monkeypatch.undo()
+        assert torch.equal(ra.energy, rb.energy) and torch.equal(ra.loss, rb.loss)
+        for s1, s2 in zip(ra.equilibrium.states, rb.equilibrium.states, strict=True):
+            assert torch.equal(s1, s2)
+    assert "g" not in a._workspace._stacks and "g" in b._workspace._stacks  # the two paths ran
+    for p, q in zip(a.net.parameters(), b.net.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_spc_callback_states_at_depth_without_a_trace():
+    """The states a callback sees at depth (layers the signal has not reached: their FF states,
+    never copied into the state buffer) and the final ones are the reference's."""
+    fast, ref = _pair("spc", widths=[16] + [7] * 9 + [5], iters=5, state_lr=0.1)
+    xs, ys = _data(n=1)
+    seen: list[list] = [[], []]
+    for k, lrn in enumerate((fast, ref)):
+        eq = lrn.infer(xs[0], ys[0], callback=lambda t, states, k=k: seen[k].append([s.clone() for s in states]))
+        seen[k].append(eq.states)
+    assert len(seen[0]) == len(seen[1]) == 6
+    for a, b in zip(seen[0], seen[1]):
+        for s1, s2 in zip(a, b, strict=True):
+            assert_close(s1, s2, **TOL)
+
+
 @pytest.mark.parametrize("name", ["spc", "epc"])
 def test_callback_and_early_stop(name):
     fast, ref = _pair(name, iters=8, state_lr=0.2)

@@ -138,7 +138,7 @@ def train_cell(args, loaders, label: str, learner_name: str, options: dict[str, 
 
 def _bp_flops(net, x) -> int:
     """bp's multiply-add FLOPs for one step on x, in the block ops' per-call accounting."""
-    from fastpc.learners.pc import Chain, NetOps
+    from fastpc.learners.chain import Chain, NetOps
 
     netops = NetOps(net.blocks, "auto")
     chain = Chain(netops, x)

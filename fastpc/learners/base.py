@@ -92,19 +92,52 @@ def check_option(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+_READ_ONLY = 1 << 16  # entries from which a tensor is checked by a read-only reduction
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every entry of ``tensors`` is finite: one foreach pass per device and dtype
-    (torch's AMP check, with an unscale by 1, which changes no value), one host read each;
-    a sum per tensor cost ~3.6 µs each (~150 µs a step on a 20-layer MLP)."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
+    """Whether every entry of ``tensors`` is finite. A large tensor (≥ 65,536 entries) is read
+    once by ``aminmax`` (NaN propagates); the rest go through one foreach pass per device and
+    dtype (torch's AMP check, with an unscale by 1, which changes no value but writes every
+    entry back: on a large gradient that write costs more than the read), one host read each."""
+    rest = []
     for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
+        if t.numel() < _READ_ONLY:
+            rest.append(t)
+        elif not _finite(t):
+            return False
+    if not rest:
+        return True
+    first = rest[0]
+    if all(t.device == first.device and t.dtype == first.dtype for t in rest):
+        groups = {(first.device, first.dtype): rest}  # the usual case: one group, no dict to build
+    else:
+        groups = {}
+        for t in rest:
+            groups.setdefault((t.device, t.dtype), []).append(t)
     for (device, _), ts in groups.items():
         found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones(1, device=device))
+        torch._amp_foreach_non_finite_check_and_unscale_(ts, found, _one(device))
         if found.item():
             return False
     return True
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (NaN propagates through aminmax)."""
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    """A float32 1 on ``device`` (the unscale factor of the finiteness check; never written)."""
+    one = _ONES.get(device)
+    if one is None:
+        one = _ONES[device] = torch.ones(1, device=device)
+    return one
 
 
 _NARROW_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32)  # class indices taken as int64
@@ -131,6 +164,9 @@ class Learner(abc.ABC):
         if init_options is not None and not isinstance(init_options, dict):
             raise TypeError(f"init_options must be a dict, got {type(init_options).__name__}")
         self.net = net
+        # the first parameter, for the door's dtype/device test (``.to()`` and ``.double()`` change it
+        # in place; a replaced parameter object needs a new learner, as the block ops do)
+        self._first_param = next(net.parameters(), None)
         self.loss = E.check_loss(loss)
         self.optimizer = optimizer
         self.init = make_init(init, **(init_options or {}))
@@ -231,10 +267,10 @@ class Learner(abc.ABC):
         if self.optimizer is None:
             raise ValueError("step() needs an optimizer: pass optimizer=... to make_learner")
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, values: bool = True) -> None:
         """``ValueError``/``TypeError`` unless ``x`` is a non-empty, finite floating batch in
         the net's dtype and on its device; ``None`` (generative mode) only for a learner that
-        has one."""
+        has one. ``values=False``: the caller checks finiteness itself (:meth:`_check_finite`)."""
         if x is None and not self.generative:
             raise ValueError(f"x is None (generative mode), which learner {self.name!r} does not support "
                              "with these options; spc (schedule 'simultaneous') and epc do; or pass an input batch x")
@@ -242,16 +278,25 @@ class Learner(abc.ABC):
             return
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor batch (B, ...), got {type(x).__name__}")
-        p = next(self.net.parameters(), None)
+        p = self._first_param
         if x.dim() < 1 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (B >= 1, shape (B, ...)), got shape {tuple(x.shape)}")
         if p is not None and (x.dtype != p.dtype or x.device != p.device):
             raise TypeError(f"x must have the net's dtype and device ({p.dtype}, {p.device}), got ({x.dtype}, {x.device})")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
-        if not all(map(math.isfinite, torch.stack(torch.aminmax(x)).tolist())):  # NaN propagates through aminmax
-            raise ValueError("x holds NaN or inf")
+        if values:
+            self._check_finite(x)
         self._batch = x.shape[0]
+
+    def _check_finite(self, x: torch.Tensor, proxy: torch.Tensor | None = None) -> None:
+        """``ValueError`` if ``x`` holds NaN or inf. ``proxy``: a tensor that is finite only if
+        ``x`` is (the first Linear's output on it, smaller), read first; ``x`` itself only when
+        ``proxy`` is not finite (a bad x, or a product that overflowed, which is not refused)."""
+        if proxy is not None and _finite(proxy):
+            return
+        if not _finite(x):
+            raise ValueError("x holds NaN or inf")
 
     def latent_size(self) -> int:
         """Generative mode: the width of the latent s_0, the input width of the net's first
@@ -271,16 +316,18 @@ class Learner(abc.ABC):
             got = f"dtype {y.dtype}, shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"generative mode (x=None) takes the data y as a dense floating batch shaped like the "
                              f"output (B, ...), not class indices; got {got}")
-        p = next(self.net.parameters())
+        p = self._first_param
         if y.dtype != p.dtype or y.device != p.device:
             raise TypeError(f"y must have the net's dtype and device ({p.dtype}, {p.device}), got ({y.dtype}, {y.device})")
         self._batch = y.shape[0]
 
-    def _check_target(self, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``y`` as the energy takes it (integer class indices as int64), or a clear error."""
+    def _check_target(self, y: torch.Tensor, out: torch.Tensor, index_range: bool = False) -> torch.Tensor:
+        """``y`` as the energy takes it (integer class indices as int64), or a clear error. The
+        range of CPU class indices is checked where the step makes their one-hot (before
+        anything changes; :func:`fastpc.energy.one_hot`) unless ``index_range``."""
         if isinstance(y, torch.Tensor) and y.dtype in _NARROW_INTS:
             y = y.long()
-        E.check_target(y, out.shape, self.loss)
+        E.check_target(y, out.shape, self.loss, index_range)
         if y.device != out.device:
             raise ValueError(f"y must be on the net's device {out.device}, got {y.device}")
         return y

@@ -36,14 +36,14 @@ class BP(Learner):
         )
 
     def _backward(self, x, y) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backprop of the batch-mean loss into ``p.grad``; returns (output, checked y)."""
+        """Backprop of the batch-mean loss into ``p.grad``; returns (output, summed cost)."""
         self._check_input(x)
         with torch.enable_grad():
             out = self._fitting(x, lambda x: forward_in(self.precision, self.net, x))
             y = self._check_target(y, out)
-            loss = E.output_cost(out, y, self.loss) / y.shape[0]
-            loss.backward()
-        return out.detach(), y
+            cost = E.output_cost(out, y, self.loss)
+            (cost / y.shape[0]).backward()
+        return out.detach(), cost.detach()
 
     def grads(self, x, y):
         self.net.zero_grad(set_to_none=True)
@@ -55,7 +55,6 @@ class BP(Learner):
     def step(self, x, y):
         self._check_optimizer()
         self.optimizer.zero_grad(set_to_none=True)
-        out, y = self._backward(x, y)
+        out, cost = self._backward(x, y)
         self._apply_update()
-        cost = E.output_cost(out, y, self.loss)
         return self._step_result(cost, out, Equilibrium(states=[], output=out, energy=cost, iters=0))

@@ -47,7 +47,8 @@ from torch import nn
 from .. import energy as E
 from ..blocks import Tape, preactivation_split
 from .base import Equilibrium, check_option
-from .pc import Chain, ChainLearner
+from .chain import Chain
+from .pc import ChainLearner
 from .registry import register_learner
 
 __all__ = ["EP", "EQUILIBRATIONS", "ESTIMATORS", "PROJECTIONS"]
@@ -270,5 +271,5 @@ class EP(ChainLearner):
             for k in range(len(chain.ops)):
                 if k not in touched:  # the nudge never reached block k: its gradient is exactly zero
                     chain.zero_weight_grads(k)
-        self.last_flops = chain.netops.flops(chain.calls, chain.in_shapes())
+        self._flops_of = (chain.netops, chain.calls, chain.in_shapes())
         self._chain = self._last = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .descent import Stack
-from .pc import Chain, ChainRelaxation, PCLearner
+from .chain import Chain
+from .pc import ChainRelaxation, PCLearner
 from .registry import register_learner
 
 

@@ -1,10 +1,11 @@
 """What every iterative-inference PC learner (sPC, ePC) shares, over the block operations of
 its net (:mod:`fastpc.blocks`).
 
-- :class:`NetOps`: the ops of each block, made once per net (``fast``: analytic where a block
-  has them, the autograd fallback elsewhere; ``fast=False``: the fallback for every block);
-- :class:`Chain`: one batch on those ops: the input, each block's latest :class:`~fastpc.blocks.Tape`
-  and a count of the calls (the matrix-product FLOPs a step ran, :attr:`PCLearner.last_flops`);
+- :class:`~fastpc.learners.chain.NetOps` (:mod:`fastpc.learners.chain`): the ops of each block,
+  made once per net (``fast``: analytic where a block has them, the autograd fallback
+  elsewhere; ``fast=False``: the fallback for every block); :class:`~fastpc.learners.chain.Chain`:
+  one batch on those ops (each block's latest tape, a count of the calls:
+  :attr:`ChainLearner.last_flops`);
 - :class:`ChainRelaxation`: the part of a learner's energy every PC learner has (output cost and
   ∂ℓ/∂ŷ from one log-softmax, stacked hidden errors, per-layer energies, and the local weight
   update of PAPERS.md §0 from the tapes inference left);
@@ -28,113 +29,16 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import energy as E
-from ..blocks import AnalyticOps, AutogradOps, BlockOps, Tape, block_ops
 from ..init import ForwardInit
 from ..nets import frozen_batchnorm_stats
-from ..precision import AutocastOps, bf16_ops
 from . import compiled
 from .base import Equilibrium, Learner, StepResult, check_option
+from .chain import Chain, NetOps
 from .descent import AfterStep, Descent, Minimized, Relaxation, Stack, Workspace, dot, minimize
 
-__all__ = ["NetOps", "Chain", "ChainRelaxation", "ChainLearner", "PCLearner", "StepCore"]
-
-
-class NetOps:
-    """The block ops of a net: ``fast`` False gives :class:`~fastpc.blocks.AutogradOps` for
-    every block, else :func:`~fastpc.blocks.block_ops` (``plain``: for torch.compile);
-    ``precision`` bf16: :func:`~fastpc.precision.bf16_ops` of every block."""
-
-    def __init__(self, blocks, fast: bool | str, plain: bool = False, precision: str = "fp32"):
-        self.ops: tuple[BlockOps, ...] = tuple(
-            bf16_ops(b, fast) if precision == "bf16" else AutogradOps(b) if fast is False else block_ops(b, plain)
-            for b in blocks)
-        self.block_ids = tuple(id(b) for b in blocks)
-        self.analytic = all(isinstance(o, AnalyticOps) for o in self.ops)
-        self.block_params = [list(b.parameters()) for b in blocks]
-        self.params = [p for ps in self.block_params for p in ps]
-        self.has_batchnorm = any(isinstance(m, _BatchNorm) for b in blocks for m in b.modules())
-        self._flops: dict[tuple, list | None] = {}
-
-    def fallbacks(self) -> list[str]:
-        """'block i (Type)' for every block on the autograd fallback."""
-        return [f"block {i} ({type(o.block).__name__})" for i, o in enumerate(self.ops)
-                if isinstance(o, (AutogradOps, AutocastOps))]
-
-    def flops(self, calls: list[int], in_shapes: list[torch.Size]) -> int | None:
-        """Multiply-add FLOPs of ``calls`` (forward, vjp, weight grads per block) on blocks with
-        these input shapes; None when a block cannot count them."""
-        key = tuple(in_shapes)
-        per = self._flops.get(key, ())
-        if per == ():
-            per = [o.flops(s) for o, s in zip(self.ops, in_shapes)]
-            per = self._flops[key] = None if any(f is None for f in per) else per
-        if per is None:
-            return None
-        return sum(calls[3 * k] * f.forward + calls[3 * k + 1] * f.vjp + calls[3 * k + 2] * f.weight_grad
-                   for k, f in enumerate(per))
-
-
-class Chain:
-    """One batch on a net's ops: block k maps s_k to f_k(s_k) (s_0 = x); ``tapes[k]`` is its
-    latest forward; ``calls`` counts forward / vjp / weight-grad calls per block."""
-
-    __slots__ = ("netops", "ops", "x", "tapes", "calls", "workspace", "like")
-
-    def __init__(self, netops: NetOps, x: torch.Tensor | None, workspace: Workspace | None = None,
-                 like: torch.Tensor | None = None):
-        """``x=None``: a free input (generative mode); ``like`` gives the stacks' dtype and device."""
-        self.netops, self.ops, self.x, self.workspace = netops, netops.ops, x, workspace
-        self.like = x if like is None else like
-        self.tapes: list[Tape] = [None] * len(self.ops)  # type: ignore[list-item]
-        self.calls = [0] * (3 * len(self.ops))
-
-    def forward(self, k: int, s: torch.Tensor) -> Tape:
-        self.calls[3 * k] += 1
-        tape = self.tapes[k] = self.ops[k].forward(s)
-        return tape
-
-    def vjp(self, k: int, g: torch.Tensor) -> torch.Tensor:
-        self.calls[3 * k + 1] += 1
-        return self.ops[k].vjp(self.tapes[k], g)
-
-    def vjp_into(self, k: int, g: torch.Tensor, out: torch.Tensor, acc: torch.Tensor | None, alpha: float) -> None:
-        self.calls[3 * k + 1] += 1
-        self.ops[k].vjp_into(self.tapes[k], g, out, acc, alpha)
-
-    def weight_grads(self, k: int, g: torch.Tensor, scale: float) -> None:
-        self.calls[3 * k + 2] += 1
-        self.ops[k].weight_grads(self.tapes[k], g, scale)
-
-    def zero_weight_grads(self, k: int) -> None:
-        """Block k's gradient where its error is exactly zero: zeros (autograd's), no product."""
-        for p in self.netops.block_params[k]:
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-
-    def feedforward(self, s: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The FF pass from s_0 = ``s`` (default x): ([s_1, ..., s_{L-1}], output), every tape recorded."""
-        s = self.x if s is None else s
-        for k in range(len(self.ops)):
-            s = self.forward(k, s).out
-        return [t.out for t in self.tapes[:-1]], s
-
-    def in_shapes(self) -> list[torch.Size]:
-        return [t.s.shape for t in self.tapes]
-
-    def stack(self, name: str, shapes: list[torch.Size], zero: bool = False, per_tensor: bool = False) -> Stack:
-        """A stack for a relaxation's variables or errors: the workspace's unless it is busy
-        (``per_tensor``: a new per-tensor one, see :class:`~fastpc.learners.descent.Stack`)."""
-        ws = self.workspace
-        if per_tensor or ws is None or ws.busy:
-            return Stack(shapes, self.like, zero, per_tensor)
-        return ws.stack(name, shapes, self.like, zero)
-
-    def state_shapes(self) -> list[torch.Size]:
-        """Shapes of s_1 .. s_{L-1} (after the FF pass)."""
-        return [t.out.shape for t in self.tapes[:-1]]
+__all__ = ["ChainRelaxation", "ChainLearner", "PCLearner", "StepCore"]
 
 
 class ChainRelaxation(Relaxation):
@@ -191,11 +95,12 @@ class ChainRelaxation(Relaxation):
     def parts(self) -> torch.Tensor:
         # the cost as energy() left it, else computed aside (a trace does not change out_grad)
         cost = self._cost if self._cost is not None else E.output_cost(self.output, self.target, self.loss)
-        zero = self.output.new_zeros(())
-        hidden = [torch.dot(e.view(-1), e.view(-1)) if i + 1 >= self.nz else zero
-                  for i, e in enumerate(self.err.views)]
+        pieces = self.err.pieces()
+        zero = self.output.new_zeros(()) if self.nz > 1 else None  # ‖ε_i‖² below nz: exactly zero
+        hidden = [torch.dot(e, e) if i + 1 >= self.nz else zero for i, e in enumerate(pieces)]
         head = [] if self.latent is None else [E.latent_prior(self.latent, 2.0 * self.prior)]
-        return torch.stack([*head, *hidden, cost * 2.0]).mul_(0.5)
+        # (½ each squared norm and the head's 2·prior term, the cost itself): one multiply
+        return torch.stack([*head, *hidden, cost]).mul_(_halves(len(head) + len(hidden), cost))
 
     def final_states(self) -> list[torch.Tensor]:
         """The states to hand out: tensors no later inference writes into."""
@@ -212,6 +117,18 @@ class ChainRelaxation(Relaxation):
             else:
                 chain.weight_grads(k, self.err.views[k], -scale)
         chain.weight_grads(self.L - 1, self.out_grad(), scale)
+
+
+_HALVES: dict[tuple, torch.Tensor] = {}
+
+
+def _halves(n: int, like: torch.Tensor) -> torch.Tensor:
+    """[½] * n + [1] in ``like``'s dtype and device (made once per kind; never written)."""
+    key = (n, like.dtype, like.device)
+    w = _HALVES.get(key)
+    if w is None:
+        w = _HALVES[key] = torch.tensor([0.5] * n + [1.0], dtype=like.dtype, device=like.device)
+    return w
 
 
 class StepCore(NamedTuple):
@@ -240,7 +157,16 @@ class ChainLearner(Learner):
     no compiled step).
     """
 
-    last_flops: int | None = None  # matmul/conv FLOPs of the last step's block calls
+    _flops_of: tuple | None = None  # (NetOps, calls, input shapes) of the last step, counted when asked
+
+    @property
+    def last_flops(self) -> int | None:
+        """Matmul/conv FLOPs of the last step's block calls (None before a step, or when a block
+        cannot count them); counted from the step's call counts when read."""
+        if self._flops_of is None:
+            return None
+        netops, calls, shapes = self._flops_of
+        return netops.flops(calls, shapes)
 
     def __init__(self, net, loss, optimizer, init, init_options, fast: bool | str, precision: str = "fp32"):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options,
@@ -278,10 +204,13 @@ class ChainLearner(Learner):
         return self.fast is not False and self._netops().analytic
 
     def _feedforward(self, x):
-        self._check_input(x)
-        chain = Chain(self._netops(), x, self._workspace)
+        netops = self._netops()
+        self._check_input(x, values=not netops.linear_first)
+        chain = Chain(netops, x, self._workspace)
         with torch.no_grad():
             states, out = self._fitting(x, lambda x: chain.feedforward())
+        if netops.linear_first:
+            self._check_finite(x, chain.tapes[0].pre)
         self._chain, self._last = chain, None
         return states, out
 
@@ -330,8 +259,13 @@ class PCLearner(ChainLearner):
 
     @property
     def descent(self) -> Descent:
-        return Descent(self.iters, self.state_lr, self.momentum, self.state_optimizer, self.safeguard, self.armijo,
-                       self.tol, self.armijo_steps)
+        """The inference options as one :class:`Descent` (made again only when one changed)."""
+        key = (self.iters, self.state_lr, self.momentum, self.state_optimizer, self.safeguard, self.armijo,
+               self.tol, self.armijo_steps)
+        made = self.__dict__.get("_descent")
+        if made is None or made[0] != key:
+            made = self._descent = (key, Descent(*key))
+        return made[1]
 
     @abc.abstractmethod
     def _problem(self, chain: Chain, states0: list[torch.Tensor], target: torch.Tensor, from_ff: bool,
@@ -383,9 +317,10 @@ class PCLearner(ChainLearner):
             chain = self._chain
         # its states are the FF states (generative: of the init's s_0): no copy to make here
         from_ff = x is None or type(self.init) is ForwardInit
+        target = E.dense_target(y, out)  # first: a class index out of range is refused here
         states0 = ff_states if from_ff else self.init(ff_states, x, y)
         with self._frozen(chain.netops), torch.no_grad():
-            problem = self._problem(chain, states0, E.dense_target(y, out), from_ff, False)
+            problem = self._problem(chain, states0, target, from_ff, False)
             res = Minimized(None, 0, None)
             if states0:
                 hook: AfterStep | None = None if after_step is None else (lambda t: after_step(problem, t))
@@ -412,7 +347,7 @@ class PCLearner(ChainLearner):
         chain = problem.chain
         with self._frozen(chain.netops), torch.no_grad():
             problem.weight_grads(self._weight_scale(y.shape[0]))
-        self.last_flops = chain.netops.flops(chain.calls, chain.in_shapes())
+        self._flops_of = (chain.netops, chain.calls, chain.in_shapes())
         self._chain = self._last = None
 
     def _output_cost(self, out, y):
@@ -446,7 +381,7 @@ class PCLearner(ChainLearner):
     def step(self, x, y):
         if self.optimizer is not None and x is not None and self.uses_compiled_step:
             self._check_input(x)
-            y = self._check_target(y, self._out_like(x))
+            y = self._check_target(y, self._out_like(x), index_range=True)  # compiled: no scatter check
             # one compiled graph per batch size costs a compile each: only the first batch's
             # size is compiled, any other (an epoch's last, partial batch) runs eagerly
             if self._compiled_batch is None:
@@ -492,7 +427,7 @@ class PCLearner(ChainLearner):
             if g is not None:
                 p.grad = g
         self._apply_update()
-        self.last_flops = netops.flops(res.calls, [x.shape] + [s.shape for s in res.states])
+        self._flops_of = (netops, res.calls, [x.shape] + [s.shape for s in res.states])
         eq = Equilibrium(states=res.states, output=res.output, energy=res.parts.sum(), iters=self.iters)
         self.init.observe(x, y, eq.states)
         return self._step_result(res.cost, res.out, eq)

@@ -1,5 +1,5 @@
 """Sequential inference (SeqIL) and the soft-clamped target (PAPERS.md §4), over a
-:class:`~fastpc.learners.pc.Chain`'s block operations (MLPs and conv nets alike).
+:class:`~fastpc.learners.chain.Chain`'s block operations (MLPs and conv nets alike).
 
 One sweep updates the hidden layers from the top one down, each with one gradient step on E
 at the point the sweep has reached: layer i's top-down error ε_{i+1} = s_{i+1} − f_{i+1}(s_i)
@@ -29,7 +29,8 @@ import torch
 
 from .. import energy as E
 from .descent import Minimized, batch_total
-from .pc import Chain, ChainRelaxation
+from .chain import Chain
+from .pc import ChainRelaxation
 
 __all__ = ["SequentialRelaxation", "soft_target", "sweeps"]
 

@@ -8,7 +8,8 @@ import torch
 
 from .base import check_option
 from .descent import Stack
-from .pc import Chain, ChainRelaxation, PCLearner
+from .chain import Chain
+from .pc import ChainRelaxation, PCLearner
 from .registry import register_learner
 from .sequential import SequentialRelaxation, sweeps
 
@@ -31,24 +32,38 @@ class _SPCRelaxation(ChainRelaxation):
         shapes = chain.state_shapes()
         self.g = g = int(chain.x is None)  # generative: views[i] is s_i, else s_{i+1}
         self.v = chain.stack("v", [chain.tapes[0].s.shape] * g + shapes, per_tensor=whole)
-        self.v.assign(states0)
+        # views[filled:] hold the states; below, the FF states (from_ff: states0) are copied in
+        # only when a layer first moves (at depth most layers never do within T steps)
+        self._ff, self.filled = list(states0), 0
+        if from_ff and not g and not whole:
+            self.filled = len(shapes)
+        else:
+            self.v.assign(states0)
         self.err = chain.stack("err", shapes, bool(g), whole)  # ε_i is read from layer nz on only
         self.nz = 1 if g else self.L
         self.from_ff, self.stale = from_ff, (self.L if from_ff else 1 - g)
         if g:
             self.latent, self.prior, self.sparse_grad = self.v.views[0], prior, False
 
+    def _fill(self, first: int) -> None:
+        """Make views[first:] hold the states (copy in the FF states not yet there)."""
+        for i in range(first, self.filled):
+            self.v.views[i].copy_(self._ff[i])
+        self.filled = min(self.filled, first)
+
     def moved(self, start: int) -> None:
         self.stale = min(self.stale, self.v.index(start) + 1 - self.g)  # views[i] is block i + 1 - g's input
 
     def weights_changed(self) -> None:
         """Every tape is out of date, the clamped input's prediction too (iPC)."""
+        self._fill(0)
         self.stale = 0
 
     def forward(self) -> None:
         lo, L = self.stale, self.L
         if lo >= L:
             return
+        self._fill(max(lo, 1) - 1)  # the blocks from lo read s_lo.. (views lo - 1..), the errors too
         chain, s, eps = self.chain, self.v.views, self.err.views
         g = self.g
         if lo == 0:
@@ -64,12 +79,19 @@ class _SPCRelaxation(ChainRelaxation):
         self.stale = L
         self._output_changed()
 
+    @property
+    def grad_scratch(self) -> Stack | None:  # type: ignore[override]
+        """The errors' flat stack (the states' shapes): :meth:`grad` may write ∇E over it."""
+        return None if self.g or self.whole else self.err
+
     def grad(self, out: Stack) -> int:
         chain, eps, L, nz = self.chain, self.err.views, self.L, self.nz
         lo = max(1, min(nz - 1, L - 1))  # the first hidden layer with a non-zero gradient
         o = self.g  # generative: hidden layer i is views index i, the latent index 0
         parts: list[torch.Tensor | None] = [None] * (L - 1 + o)
-        for i in range(L - 1, lo - 1 - o, -1):  # hidden layer i: views index i - 1 + o
+        # bottom-up: with out the errors themselves (grad_scratch), layer i reads ε_{i+1} before
+        # layer i + 1 overwrites it, and writes ∇_{s_i}E over ε_i in place (one addmm, no copy)
+        for i in range(lo - o, L):  # hidden layer i: views index i - 1 + o
             g, sign = (self.out_grad(), 1.0) if i == L - 1 else (eps[i], -1.0)  # ε_{i+1} = eps[i]
             acc = self.latent * self.prior if i == 0 else None if i < nz else eps[i - 1]  # ε_i, zero below nz
             if self.whole:
@@ -79,17 +101,20 @@ class _SPCRelaxation(ChainRelaxation):
                 chain.vjp_into(i, g, out.views[i - 1 + o], acc, sign)
         if self.whole:
             out.put(parts)
-        return 0 if o else out.offsets[lo - 1]
+        if o:
+            return 0
+        self._fill(lo - 1)  # the loop moves the variables from here on
+        return out.offsets[lo - 1]
 
     def states(self) -> list[torch.Tensor]:
-        return list(self.v.views)
+        v, f = self.v.views, self.filled
+        return [*self._ff[:f], *v[f:]] if f else list(v)
 
     def final_states(self) -> list[torch.Tensor]:
         # a state below nz never moved from the FF state: its tensor from the FF pass
         if self.whole:
             return self.states()
-        return [self.chain.tapes[i].out if self.from_ff and i + 1 < self.nz else s.clone()
-                for i, s in enumerate(self.v.views)]
+        return [self._ff[i] if self.from_ff and i + 1 < self.nz else s.clone() for i, s in enumerate(self.states())]
 
 
 @register_learner("spc")
