@@ -326,10 +326,12 @@ class PCLearner(ChainLearner):
                 hook: AfterStep | None = None if after_step is None else (lambda t: after_step(problem, t))
                 res = self._infer_on(problem, trace, hook)
             problem.forward()
-            final = problem.parts()
+            # the per-layer energies only for a trace; the total alone is one dot over the errors
+            final = problem.parts() if trace else None
+            energy = final.sum() if trace else problem.energy()
         layer_trace = torch.stack([*(res.traces or []), final]) if trace else None
         grad_trace = torch.stack(res.grad_norms) if trace and res.grad_norms else None
-        eq = Equilibrium(states=problem.final_states(), output=problem.output, energy=final.sum(), iters=res.iters,
+        eq = Equilibrium(states=problem.final_states(), output=problem.output, energy=energy, iters=res.iters,
                          trace=None if layer_trace is None else layer_trace.sum(1), layer_trace=layer_trace,
                          grad_trace=grad_trace)
         self._last = (eq, problem)
