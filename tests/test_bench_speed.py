@@ -125,7 +125,10 @@ def test_speed_suite_with_baseline_rows(tmp_path):
             r = rows[f"{algo} (baseline self)"]
             assert r["step_s"] > 0 and r["fast_path"] is None and r["flops_per_step"] is None
             assert f"| {algo} (baseline self) |" in md
-            assert m["baseline"]["current_over_baseline"][algo] == pytest.approx(rows[algo]["step_s"] / r["step_s"])
+            # current ÷ baseline from the two workers alike (the current engine's worker rows)
+            twin = rows[f"{algo} (worker current)"]
+            assert m["baseline"]["current_over_baseline"][algo] == pytest.approx(twin["step_s"] / r["step_s"])
+            assert m["baseline"]["current_worker"]["step_s"][algo] == pytest.approx(twin["step_s"])
         assert m["baseline"]["epc_over_bp"] == pytest.approx(rows["epc (baseline self)"]["step_s"]
                                                              / rows["bp (baseline self)"]["step_s"])
         assert "spc_over_pcx" not in m["baseline"]  # no PCX in this run

@@ -75,21 +75,26 @@ class BaselineRun:
     (median over repeats), then its table rows and ratios. After a failure (starting or later)
     it holds the error and does nothing more."""
 
-    def __init__(self, args, widths: list[int], batches):
-        self.label: str = args.baseline_label
+    def __init__(self, args, widths: list[int], batches, root: str | None = None, label: str | None = None,
+                 kind: str = "baseline"):
+        """``root``/``label``: the checkout and its name (default: ``--baseline`` and its label);
+        ``kind``: "baseline", or "worker" for the current engine run the same way (a like-for-like
+        reference: a worker process holds three learners, the suite's process many more)."""
+        self.label: str = args.baseline_label if label is None else label
+        self.kind = kind
         self.worker: BaselineWorker | None = None
         self.error: str | None = None
         self.times: dict[str, list[float]] = {a: [] for a in ALGOS}  # per repeat, seconds per step
         self._spent = dict.fromkeys(ALGOS, 0.0)
         try:
-            self.worker = BaselineWorker(args.baseline, widths, batches, seed=args.seed, threads=args.threads,
-                                         flush_denormal=args.flush_denormal)
+            self.worker = BaselineWorker(args.baseline if root is None else root, widths, batches, seed=args.seed,
+                                         threads=args.threads, flush_denormal=args.flush_denormal)
         except (OSError, RuntimeError, ValueError) as e:
             self._fail(e)
 
     def _fail(self, e: Exception) -> None:
         self.error = f"{type(e).__name__}: {e}" if isinstance(e, KeyError) else str(e)
-        print(f"  baseline {self.label} failed: {self.error}; going on without it", file=sys.stderr)
+        print(f"  {self.kind} {self.label} failed: {self.error}; going on without it", file=sys.stderr)
         if self.worker is not None:
             self.worker.stop()
             self.worker = None
@@ -111,7 +116,7 @@ class BaselineRun:
         for a in ALGOS:
             self.times[a].append(self._spent[a] / n_batches)
             self._spent[a] = 0.0
-        return ", " + ", ".join(f"{a} (baseline) {self.times[a][-1] * 1e3:.2f} ms" for a in ALGOS)
+        return ", " + ", ".join(f"{a} ({self.kind}) {self.times[a][-1] * 1e3:.2f} ms" for a in ALGOS)
 
     def results(self, current: dict[str, float], steps_per_epoch: int, n_batches: int,
                 pcx_step_s: float | None, epc_flop_ratio: float) -> tuple[list[EpochRow], dict[str, Any]]:
@@ -130,7 +135,7 @@ class BaselineRun:
             out["error"] = self.error or "no repeat timed"
             return [], out
         b = {a: statistics.median(ts) for a, ts in self.times.items()}
-        rows = [EpochRow(algo=f"{a} (baseline {self.label})", step_s=b[a], epoch_s=b[a] * steps_per_epoch,
+        rows = [EpochRow(algo=f"{a} ({self.kind} {self.label})", step_s=b[a], epoch_s=b[a] * steps_per_epoch,
                          steps_per_s=1 / b[a], ratio_to_bp=b[a] / current["bp"], fast_path=None,
                          flops_per_step=None, gflops=None, timed_batches=n_batches) for a in ALGOS]
         out.update(step_s=b, per_repeat_s=self.times)

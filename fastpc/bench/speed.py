@@ -241,7 +241,11 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
             print(f"  {depth}x128 {c.label}: first step (compiling) {c.compile_s:.1f} s")
         c.count_flops(*batches[0])
     worker, pcx = start_pcx(args, widths, batches)
-    base = BaselineRun(args, widths, batches) if args.baseline else None
+    base = twin = None
+    if args.baseline:  # the baseline, and the current engine in the same kind of worker beside it
+        base = BaselineRun(args, widths, batches)
+        twin = BaselineRun(args, widths, batches, root=str(Path(fpc.__file__).resolve().parent.parent),
+                           label="current", kind="worker")
     chunk = max(1, args.chunk)
     pcx_times: list[float] = []
     for r in range(repeats):
@@ -256,8 +260,9 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
                     spent[c.label] += c.time_chunk(part)
             if worker is not None:
                 pcx_s += worker.time_pass(start, len(part)) * len(part)
-            if base is not None:
-                base.chunk(start, len(part))
+            for run in (base, twin) if start // chunk % 2 == 0 else (twin, base):  # alternate who goes first
+                if run is not None:
+                    run.chunk(start, len(part))
         for c in cases:
             if "generic" in c.label:
                 c.time(batches[:n_generic])
@@ -268,7 +273,7 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
             pcx_times.append(pcx_s / len(batches))
             note = f", PCX spc {pcx_times[-1] * 1e3:.2f} ms"
         if base is not None:
-            note += base.end_repeat(len(batches))
+            note += base.end_repeat(len(batches)) + twin.end_repeat(len(batches))
         print(f"  {depth}x128 repeat {r + 1}/{repeats}: "
               + ", ".join(f"{c.label} {c.times[-1] * 1e3:.2f} ms" for c in cases) + note)
     if worker is not None:
@@ -306,9 +311,13 @@ def _mlp_section(args, X, Y, depth, n_batches, n_generic, repeats) -> dict[str, 
     out["epc_over_bp_vs_flops"] = out["epc_over_bp"] / out["epc_flop_ratio"]
     out["fast_speedup"] = {"spc": s["spc (generic)"] / s["spc"], "epc": s["epc (generic)"] / s["epc"]}
     if base is not None:
-        base_rows, out["baseline"] = base.results(s, steps_per_epoch, len(batches),
+        twin_rows, twin_out = twin.results(s, steps_per_epoch, len(batches), (pcx or {}).get("step_s"),
+                                           out["epc_flop_ratio"])
+        like = twin_out.get("step_s", s)  # current ÷ baseline from two workers alike, when the twin ran
+        base_rows, out["baseline"] = base.results(like, steps_per_epoch, len(batches),
                                                   (pcx or {}).get("step_s"), out["epc_flop_ratio"])
-        rows += base_rows
+        out["baseline"]["current_worker"] = twin_out
+        rows += twin_rows + base_rows
     out["drift"] = step_drift({c.label: c.step_times for c in cases if "generic" not in c.label})
     if args.compile:
         out["epc_compiled_over_bp"] = s["epc (compiled)"] / bp

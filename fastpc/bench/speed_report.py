@@ -208,7 +208,11 @@ def _baseline_line(sec: dict[str, Any]) -> str:
     if "spc_over_pcx" in b:
         parts.append(f"spc ÷ PCX {b['spc_over_pcx']:.2f} (current {_fmt(sec.get('spc_over_pcx'))})")
     parts.append(f"epc ÷ bp ÷ FLOP ratio {b['epc_over_bp_vs_flops']:.2f} (current {sec['epc_over_bp_vs_flops']:.2f})")
-    parts.append("current ÷ baseline step time: "
+    twin = b.get("current_worker", {})
+    if "spc_over_pcx" in twin:
+        parts.append(f"the current engine in the same kind of worker: spc ÷ PCX {twin['spc_over_pcx']:.2f}")
+    both = "both in worker processes" if "step_s" in twin else "current in the suite's process"
+    parts.append(f"current ÷ baseline step time ({both}): "
                  + ", ".join(f"{a} {v:.2f}" for a, v in b["current_over_baseline"].items()))
     return f"- baseline {b['label']} (same run, interleaved): " + "; ".join(parts)
 
