@@ -97,14 +97,14 @@ def _train(name: str, shard: bool, reduce: bool, line_search: bool = True) -> di
 
 
 def _worker(out: Path) -> None:
-    import torch.distributed as dist
-
     from fastpc import distributed
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
     report = {}
-    try:
+    # the library's group: gloo, and a barrier + collection before it is destroyed (without them
+    # a rank that leaves first aborts its peer's shutdown now and then: "terminate called without
+    # an active exception", SIGABRT, in 2 of 10 runs)
+    with distributed.process_group(torch.device("cpu")):
         for name in CASES:
             ddp = _train(name, shard=True, reduce=True)  # this rank's part, reduced: the global step
             ref = _train(name, shard=False, reduce=False)  # one process on the whole batches
@@ -115,8 +115,6 @@ def _worker(out: Path) -> None:
             ls_ctrl = max((local_search[k] - ref[k]).abs().max().item() for k in ref)
             report[name] = {"gap": gap, "control": ctrl, "line_search_control": ls_ctrl,
                             "close": all(torch.allclose(ddp[k], ref[k], **TOL) for k in ref)}
-    finally:
-        dist.destroy_process_group()
     (out / f"rank{distributed.rank()}.json").write_text(json.dumps(report))
 
 
