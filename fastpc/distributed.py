@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import UserError
+from .runtime import by_device_and_dtype
 
 __all__ = ["rank", "world_size", "local_rank", "local_world_size", "is_main", "launched", "active", "reducing",
            "local", "process_group", "check_batch_size", "part", "batch_total", "average_gradients",
@@ -201,9 +202,7 @@ def average_gradients(grads: Sequence[torch.Tensor], batch: int) -> None:
     on any rank reaches every rank, so a finiteness check after this agrees everywhere."""
     if not reducing() or not grads:
         return
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.device, g.dtype), []).append(g)
+    groups = by_device_and_dtype(grads)
     for (device, dtype), gs in sorted(groups.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
         flat = torch.cat([g.reshape(-1) for g in gs] + [torch.ones(1, dtype=dtype, device=device)])
         flat.mul_(float(batch))  # (Σ_{i∈r} g_i ..., B_r)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["available_cores", "pick_threads", "flush_denormals"]
+__all__ = ["available_cores", "pick_threads", "flush_denormals", "by_device_and_dtype"]
 
 
 def available_cores() -> int:
@@ -70,3 +70,15 @@ def _flushing() -> bool:
     """Whether the CPU flushes denormals now (a subnormal survives a multiplication by 1 otherwise)."""
     tiny = torch.tensor([torch.finfo(torch.float32).tiny / 4], dtype=torch.float32)
     return bool((tiny * 1.0).item() == 0.0)
+
+
+def by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    """``tensors`` grouped by (device, dtype), groups in first-seen order (the usual case, all
+    alike, without a dictionary lookup per tensor)."""
+    first = tensors[0]
+    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+        return {(first.device, first.dtype): list(tensors)}
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups

@@ -84,3 +84,15 @@ def test_step_drift_reports_first_and_last_medians():
     assert set(d) == {"spc"}  # fewer than 200 steps: no comparison
     assert d["spc"]["first_ms"] == pytest.approx(1.0) and d["spc"]["last_ms"] == pytest.approx(2.0)
     assert d["spc"]["last_over_first"] == pytest.approx(2.0)
+
+
+def test_by_device_and_dtype_keeps_every_tensor_once_in_first_seen_order():
+    from fastpc.runtime import by_device_and_dtype
+
+    a, b, c, d = torch.zeros(2), torch.zeros(3, dtype=torch.float64), torch.ones(4), torch.ones(1, dtype=torch.float64)
+    groups = by_device_and_dtype([a, b, c, d])
+    assert list(groups) == [(a.device, torch.float32), (a.device, torch.float64)]
+    assert [t is u for t, u in zip(groups[(a.device, torch.float32)], (a, c))] == [True, True]
+    assert [t is u for t, u in zip(groups[(a.device, torch.float64)], (b, d))] == [True, True]
+    same = by_device_and_dtype([a, c])
+    assert list(same) == [(a.device, torch.float32)] and [id(t) for t in same[(a.device, torch.float32)]] == [id(a), id(c)]

@@ -36,6 +36,7 @@ from .. import energy as E
 from ..init import StateInit, make_init
 from ..nets import PCNet, frozen_batchnorm_stats
 from ..precision import check_precision, forward_in
+from ..runtime import by_device_and_dtype
 
 __all__ = ["Equilibrium", "StepResult", "Learner", "check_option"]
 
@@ -108,14 +109,7 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
             return False
     if not rest:
         return True
-    first = rest[0]
-    if all(t.device == first.device and t.dtype == first.dtype for t in rest):
-        groups = {(first.device, first.dtype): rest}  # the usual case: one group, no dict to build
-    else:
-        groups = {}
-        for t in rest:
-            groups.setdefault((t.device, t.dtype), []).append(t)
-    for (device, _), ts in groups.items():
+    for (device, _), ts in by_device_and_dtype(rest).items():
         found = torch.zeros(1, device=device)
         torch._amp_foreach_non_finite_check_and_unscale_(ts, found, _one(device))
         if found.item():
