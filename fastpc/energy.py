@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from . import runtime
+
 __all__ = [
     "LOSSES",
     "check_loss",
@@ -84,7 +86,7 @@ def check_target(y: torch.Tensor, out_shape: Sequence[int], loss: str, index_ran
 
 
 def _check_index_range(y: torch.Tensor, num_classes: int) -> None:
-    lo, hi = (t.item() for t in torch.aminmax(y)) if y.numel() else (0, 0)  # one reduction
+    lo, hi = runtime.read_pair(torch.aminmax(y)) if y.numel() else (0, 0)  # one reduction
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"class indices in y must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
 

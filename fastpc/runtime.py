@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["available_cores", "pick_threads", "flush_denormals", "by_device_and_dtype"]
+__all__ = ["available_cores", "pick_threads", "flush_denormals", "by_device_and_dtype", "read_pair"]
 
 
 def available_cores() -> int:
@@ -82,3 +82,12 @@ def by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.dev
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     return groups
+
+
+def read_pair(pair: Sequence[torch.Tensor]) -> tuple:
+    """Two 0-d tensors as Python numbers: two reads on the CPU (cheaper than stacking them),
+    one device sync elsewhere."""
+    a, b = pair
+    if a.device.type == "cpu":
+        return a.item(), b.item()
+    return tuple(torch.stack([a, b]).tolist())

@@ -36,7 +36,7 @@ from .. import energy as E
 from ..init import StateInit, make_init
 from ..nets import PCNet, frozen_batchnorm_stats
 from ..precision import check_precision, forward_in
-from ..runtime import by_device_and_dtype
+from ..runtime import by_device_and_dtype, read_pair
 
 __all__ = ["Equilibrium", "StepResult", "Learner", "check_option"]
 
@@ -97,13 +97,14 @@ _READ_ONLY = 1 << 16  # entries from which a tensor is checked by a read-only re
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every entry of ``tensors`` is finite. A large tensor (≥ 65,536 entries) is read
-    once by ``aminmax`` (NaN propagates); the rest go through one foreach pass per device and
-    dtype (torch's AMP check, with an unscale by 1, which changes no value but writes every
-    entry back: on a large gradient that write costs more than the read), one host read each."""
+    """Whether every entry of ``tensors`` is finite. A large CPU tensor (≥ 65,536 entries) is
+    read once by ``aminmax`` (NaN propagates); the rest go through one foreach pass per device
+    and dtype (torch's AMP check, with an unscale by 1, which changes no value but writes every
+    entry back: on a large CPU gradient that write costs more than the read; on a GPU one pass
+    and one host read beat a read per tensor), one host read each."""
     rest = []
     for t in tensors:
-        if t.numel() < _READ_ONLY:
+        if t.numel() < _READ_ONLY or t.device.type != "cpu":
             rest.append(t)
         elif not _finite(t):
             return False
@@ -119,8 +120,8 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 
 def _finite(t: torch.Tensor) -> bool:
     """Whether every entry of ``t`` is finite (NaN propagates through aminmax)."""
-    lo, hi = torch.aminmax(t)
-    return math.isfinite(lo.item()) and math.isfinite(hi.item())
+    lo, hi = read_pair(torch.aminmax(t))
+    return math.isfinite(lo) and math.isfinite(hi)
 
 
 _ONES: dict[torch.device, torch.Tensor] = {}
