@@ -201,7 +201,7 @@ def test_compiled_training_resumes_bit_for_bit(data_root, tmp_path, monkeypatch,
     """``learner.compile: true`` through ``fit``: a run killed in epoch 2 and resumed ends with
     the weights of the uninterrupted run (a cosine schedule over 3 epochs)."""
     import fastpc.train as train_mod
-    from tinydata import tiny_overrides
+    from tinydata import interrupt_evaluate, tiny_overrides
 
     extra = {"train.epochs": 3, "optim.schedule": "warmup_cosine", "optim.warmup": 0.2, "learner.name": "spc",
              "learner.compile": True}
@@ -211,16 +211,7 @@ def test_compiled_training_resumes_bit_for_bit(data_root, tmp_path, monkeypatch,
 
     summary = train_mod.fit(cfg(tmp_path / "full"))
     assert summary["compiled_step"] is True and summary["compile_failed"] is None
-    calls = {"n": 0}
-    real = train_mod.evaluate
-
-    def interrupt_in_epoch_2(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "evaluate", interrupt_in_epoch_2)
+    real = interrupt_evaluate(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train_mod.fit(cfg(tmp_path / "cut"))
     monkeypatch.setattr(train_mod, "evaluate", real)

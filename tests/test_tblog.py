@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tinydata import tiny_overrides
+from tinydata import interrupt_evaluate, tiny_overrides
 
 import fastpc.train as train_mod
 from fastpc.config import load_config
@@ -61,16 +61,7 @@ def test_resume_after_kill_logs_every_epoch_once(data_root, tmp_path, monkeypatc
     numbers (its seconds differ from the killed run's)."""
     run = tmp_path / "run"
     extra = {"train.epochs": 4, "train.checkpoint_every": 2}
-    calls = {"n": 0}
-    real_evaluate = train_mod.evaluate
-
-    def interrupt_in_epoch_4(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "evaluate", interrupt_in_epoch_4)
+    real_evaluate = interrupt_evaluate(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg_for(data_root, run, **extra))
     monkeypatch.setattr(train_mod, "evaluate", real_evaluate)

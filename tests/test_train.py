@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tinydata import tiny_overrides
+from tinydata import interrupt_evaluate, tiny_overrides
 
 import fastpc as fpc
 import fastpc.train as train_mod
@@ -96,16 +96,7 @@ def test_resume_after_interruption_exactly(data_root, tmp_path, monkeypatch):
     extra = {"train.epochs": 3, "optim.schedule": "warmup_cosine", "optim.warmup": 0.2, "learner.name": "spc"}
     fit(cfg_for(data_root, tmp_path / "full", **extra))
 
-    calls = {"n": 0}
-    real_evaluate = train_mod.evaluate
-
-    def interrupt_in_epoch_2(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # after training epoch 2, before its checkpoint
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "evaluate", interrupt_in_epoch_2)
+    real_evaluate = interrupt_evaluate(monkeypatch, 2)  # after training epoch 2, before its checkpoint
     with pytest.raises(KeyboardInterrupt):
         fit(cfg_for(data_root, tmp_path / "cut", **extra))
     monkeypatch.setattr(train_mod, "evaluate", real_evaluate)

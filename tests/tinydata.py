@@ -47,6 +47,25 @@ def tiny_overrides(data_root: Path, out: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in sets.items()]
 
 
+def interrupt_evaluate(monkeypatch, n: int):
+    """Make ``fastpc.train.evaluate`` raise KeyboardInterrupt on its ``n``-th call, before it runs
+    (a kill after training epoch ``n``, before its evaluation and checkpoint); returns the real
+    ``evaluate`` to put back."""
+    import fastpc.train as train_mod
+
+    real = train_mod.evaluate
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", interrupted)
+    return real
+
+
 def have_fashion_mnist() -> bool:
     """Whether the real Fashion-MNIST IDX files are where fastpc looks for them."""
     from fastpc.data import search_paths
