@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["available_cores", "pick_threads", "flush_denormals", "by_device_and_dtype", "read_pair"]
+__all__ = ["available_cores", "pick_threads", "flush_denormals", "by_device_and_dtype", "read_pair", "constant"]
 
 
 def available_cores() -> int:
@@ -91,3 +91,16 @@ def read_pair(pair: Sequence[torch.Tensor]) -> tuple:
     if a.device.type == "cpu":
         return a.item(), b.item()
     return tuple(torch.stack([a, b]).tolist())
+
+
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The 1-D tensor ``values`` in ``dtype`` on ``device``, made once per kind and shared:
+    callers only read it."""
+    key = (values, dtype, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t

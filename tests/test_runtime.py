@@ -96,3 +96,13 @@ def test_by_device_and_dtype_keeps_every_tensor_once_in_first_seen_order():
     assert [t is u for t, u in zip(groups[(a.device, torch.float64)], (b, d))] == [True, True]
     same = by_device_and_dtype([a, c])
     assert list(same) == [(a.device, torch.float32)] and [id(t) for t in same[(a.device, torch.float32)]] == [id(a), id(c)]
+
+
+def test_constant_is_made_once_per_kind():
+    from fastpc.runtime import constant
+
+    a = constant((0.5, 1.0), torch.float32, torch.device("cpu"))
+    assert a is constant((0.5, 1.0), torch.float32, torch.device("cpu"))
+    assert torch.equal(a, torch.tensor([0.5, 1.0]))
+    b = constant((0.5, 1.0), torch.float64, torch.device("cpu"))
+    assert b is not a and b.dtype == torch.float64

@@ -36,7 +36,7 @@ from .. import energy as E
 from ..init import StateInit, make_init
 from ..nets import PCNet, frozen_batchnorm_stats
 from ..precision import check_precision, forward_in
-from ..runtime import by_device_and_dtype, read_pair
+from ..runtime import by_device_and_dtype, constant, read_pair
 
 __all__ = ["Equilibrium", "StepResult", "Learner", "check_option"]
 
@@ -112,7 +112,7 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
         return True
     for (device, _), ts in by_device_and_dtype(rest).items():
         found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(ts, found, _one(device))
+        torch._amp_foreach_non_finite_check_and_unscale_(ts, found, constant((1.0,), torch.float32, device))
         if found.item():
             return False
     return True
@@ -123,16 +123,6 @@ def _finite(t: torch.Tensor) -> bool:
     lo, hi = read_pair(torch.aminmax(t))
     return math.isfinite(lo) and math.isfinite(hi)
 
-
-_ONES: dict[torch.device, torch.Tensor] = {}
-
-
-def _one(device: torch.device) -> torch.Tensor:
-    """A float32 1 on ``device`` (the unscale factor of the finiteness check; never written)."""
-    one = _ONES.get(device)
-    if one is None:
-        one = _ONES[device] = torch.ones(1, device=device)
-    return one
 
 
 _NARROW_INTS = (torch.uint8, torch.int8, torch.int16, torch.int32)  # class indices taken as int64

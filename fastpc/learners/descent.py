@@ -325,11 +325,14 @@ def _grad_norm(gt: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _rose(e: torch.Tensor, prev_e: torch.Tensor, step: torch.Tensor, pred: torch.Tensor, armijo: float,
-          tol: float) -> bool:
-    """The Armijo test read on the host (the CPU's branching path): E_new > E_old − armijo·η·pred
-    + tol·|E_old| in Python floats from the four 0-d tensors: four reads instead of seven tensor
-    operations per step; the same comparison (float64: the same bits; float32: made in float64,
+          tol: float, branch: bool) -> bool | torch.Tensor:
+    """Whether E rose above the Armijo bound, E_new > E_old − armijo·η·pred + tol·|E_old|: a 0-d
+    bool tensor (sync-free), or with ``branch`` (the CPU's branching path) a bool read on the
+    host in Python floats from the four 0-d tensors, four reads instead of seven tensor
+    operations (the same comparison: in float64 the same bits; float32 is compared in float64,
     a rounding the slack tol·|E_old| covers)."""
+    if not branch:
+        return e > prev_e - armijo * step * pred + tol * prev_e.abs()
     old = prev_e.item()
     return e.item() > old - armijo * step.item() * pred.item() + tol * abs(old)
 
@@ -429,12 +432,12 @@ def _minimize(problem, opts, trace, after_step, sync_free, workspace):
         problem.forward()
         c = opts.armijo if t_run <= opts.armijo_steps else 0.0
         e_last, pred = batch_total(problem.energy(), pred)
-        if branch:
-            if _rose(e_last, prev_e, step, pred, c, tol):
+        rose = _rose(e_last, prev_e, step, pred, c, tol, branch)
+        if rose is not False:  # sync-free (a tensor), or rejected on the host
+            if branch:
                 _copy(v.tail(saved), prev_v.tail(saved))
-                problem.moved(start)
-        else:
-            _select(e_last > prev_e - c * step * pred + tol * prev_e.abs(), prev_v.tail(saved), v.tail(saved))
+            else:
+                _select(rose, prev_v.tail(saved), v.tail(saved))
             problem.moved(start)
     problem.forward()
     if norms is not None:  # the distance to equilibrium where inference ended
@@ -451,7 +454,7 @@ def _line_search(problem, opts, t, e, parts, prev_e, prev_parts, pred, step, v, 
     late = t > opts.armijo_steps
     armijo = 0.0 if late else opts.armijo
     fit = min(1.0, 1.8 * (1 - armijo))
-    rose = _rose(e, prev_e, step, pred, armijo, tol) if branch else e > prev_e - armijo * step * pred + tol * prev_e.abs()
+    rose = _rose(e, prev_e, step, pred, armijo, tol, branch)
     if rose is not False:  # sync-free (a tensor), or rejected on the host
         # the velocity is zero before lo: it has moved from lo on only (lo never grows)
         if branch:

@@ -33,6 +33,7 @@ import torch
 from .. import energy as E
 from ..init import ForwardInit
 from ..nets import frozen_batchnorm_stats
+from ..runtime import constant
 from . import compiled
 from .base import Equilibrium, Learner, StepResult, check_option
 from .chain import Chain, NetOps
@@ -100,7 +101,8 @@ class ChainRelaxation(Relaxation):
         hidden = [torch.dot(e, e) if i + 1 >= self.nz else zero for i, e in enumerate(pieces)]
         head = [] if self.latent is None else [E.latent_prior(self.latent, 2.0 * self.prior)]
         # (½ each squared norm and the head's 2·prior term, the cost itself): one multiply
-        return torch.stack([*head, *hidden, cost]).mul_(_halves(len(head) + len(hidden), cost))
+        halves = constant((0.5,) * (len(head) + len(hidden)) + (1.0,), cost.dtype, cost.device)
+        return torch.stack([*head, *hidden, cost]).mul_(halves)
 
     def final_states(self) -> list[torch.Tensor]:
         """The states to hand out: tensors no later inference writes into."""
@@ -117,18 +119,6 @@ class ChainRelaxation(Relaxation):
             else:
                 chain.weight_grads(k, self.err.views[k], -scale)
         chain.weight_grads(self.L - 1, self.out_grad(), scale)
-
-
-_HALVES: dict[tuple, torch.Tensor] = {}
-
-
-def _halves(n: int, like: torch.Tensor) -> torch.Tensor:
-    """[½] * n + [1] in ``like``'s dtype and device (made once per kind; never written)."""
-    key = (n, like.dtype, like.device)
-    w = _HALVES.get(key)
-    if w is None:
-        w = _HALVES[key] = torch.tensor([0.5] * n + [1.0], dtype=like.dtype, device=like.device)
-    return w
 
 
 class StepCore(NamedTuple):
