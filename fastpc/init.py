@@ -41,6 +41,15 @@ class StateInit(nn.Module, abc.ABC):
     """
 
     name: str = ""
+    #: the modes the initializer serves: "discriminative" (an input x, labels y) and/or
+    #: "generative" (x None, the data y clamped at the output; the initializer gives the latent s_0)
+    modes: tuple[str, ...] = ("discriminative", "generative")
+    #: whether :meth:`observe` learns anything (set for each subclass: it overrides ``observe``)
+    observes: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.observes = cls.observe is not StateInit.observe
 
     @abc.abstractmethod
     def forward(
@@ -49,7 +58,10 @@ class StateInit(nn.Module, abc.ABC):
         """The states inference starts from."""
 
     def observe(self, x: torch.Tensor | None, y: torch.Tensor | None, states: Sequence[torch.Tensor]) -> None:
-        """Called with the converged states after each training step (default: nothing)."""
+        """Called with the converged states after each training step whose weight update
+        reached the net and whose states are all finite (a refused step teaches the
+        initializer nothing, so it never stores or hands out non-finite states); default:
+        nothing."""
         del x, y, states
 
     def options(self) -> dict[str, Any]:
@@ -232,6 +244,8 @@ class ClassAverageInit(_GrowingBuffers):
     are buffers (checkpoints and ``.to()`` carry them); their class dimension grows to the
     largest class seen (or the width of dense targets).
     """
+
+    modes = ("discriminative",)
 
     def __init__(self, momentum: float = 0.9, warmup: int = 0):
         super().__init__()

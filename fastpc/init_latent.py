@@ -30,6 +30,8 @@ __all__ = ["MemoryInit", "AmortizedInit"]
 class _LatentInit(StateInit):
     """The generative-only door and buffers built lazily (from a checkpoint's shapes on load)."""
 
+    modes = ("generative",)
+
     def _query(self, ff_states: Sequence[torch.Tensor], x: torch.Tensor | None,
                y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the latent's template (B, d), the data flattened (B, D)), or a clear error."""
@@ -187,7 +189,8 @@ class AmortizedInit(_LatentInit):
                 losses.append(loss.detach())
                 a = pred
         self.last_loss = torch.stack(losses)
-        self._adam(params, grads)
+        if all(bool(torch.isfinite(g).all()) for g in grads):  # a step that overflows is not taken
+            self._adam(params, grads)
 
     @torch.no_grad()
     def _adam(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:

@@ -23,8 +23,9 @@ Hooks that later algorithms use without reshaping the contract:
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,11 +112,17 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     if not rest:
         return True
     for (device, _), ts in by_device_and_dtype(rest).items():
-        found = torch.zeros(1, device=device)
+        found = torch.zeros(1, dtype=torch.float32, device=device)  # the AMP kernel takes a float32 flag
         torch._amp_foreach_non_finite_check_and_unscale_(ts, found, constant((1.0,), torch.float32, device))
         if found.item():
             return False
     return True
+
+
+def _ordinary(t: Any) -> Any:
+    """``t``, copied outside inference mode when it is an inference tensor (an ordinary tensor
+    the learner may save for autograd or keep)."""
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -148,6 +155,9 @@ class Learner(abc.ABC):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         if init_options is not None and not isinstance(init_options, dict):
             raise TypeError(f"init_options must be a dict, got {type(init_options).__name__}")
+        if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+            raise ValueError("the net's parameters are on the meta device (shapes without data); materialise them "
+                             "first (net.to_empty(device=...) and initialise, or build the net on 'cpu'/'cuda')")
         self.net = net
         # the first parameter, for the door's dtype/device test (``.to()`` and ``.double()`` change it
         # in place; a replaced parameter object needs a new learner, as the block ops do)
@@ -174,11 +184,25 @@ class Learner(abc.ABC):
         ``x=None`` (generative mode, learners with ``generative``): s_0 is free and ``y`` is the
         data, a dense tensor shaped like the output, clamped by the loss ``mse``.
         """
-        ff_states, out, y = self._start(x, y)
-        return self._relax(x, y, ff_states, out, trace, callback)
+        with self._entered(x, y) as (x, y):
+            return self._infer(x, y, trace, callback)
 
     def grads(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Inference + the weight gradients ``step`` would apply, without applying them."""
+        with self._entered(x, y) as (x, y):
+            return self._grads(x, y)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        """Inference + one weight update with the learner's optimizer."""
+        with self._entered(x, y) as (x, y):
+            return self._step(x, y)
+
+    # ---- what the public calls run (subclasses override these, not the public names) ----
+    def _infer(self, x, y, trace=False, callback=None) -> Equilibrium:
+        ff_states, out, y = self._start(x, y)
+        return self._relax(x, y, ff_states, out, trace, callback)
+
+    def _grads(self, x, y) -> dict[str, torch.Tensor]:
         ff_states, out, y = self._start(x, y)
         eq = self._relax(x, y, ff_states, out, False)
         self.net.zero_grad(set_to_none=True)
@@ -187,8 +211,7 @@ class Learner(abc.ABC):
         self.net.zero_grad(set_to_none=True)
         return named
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        """Inference + one weight update with the learner's optimizer."""
+    def _step(self, x, y) -> StepResult:
         self._check_optimizer()
         ff_states, out, y = self._start(x, y)
         eq = self._relax(x, y, ff_states, out, False)
@@ -197,9 +220,44 @@ class Learner(abc.ABC):
             out = eq.output
         cost = self._output_cost(out, y).detach()  # before _weight_grads releases buffers
         self._weight_grads(x, y, eq)
-        self._apply_update()
-        self.init.observe(x, y, eq.states)
+        self._observe(x, y, eq, self._apply_update())
         return self._step_result(cost, out, eq)
+
+    #: whether the learner's computation may run under an ambient ``torch.autocast`` (bp: its
+    #: forward and backward are autograd's, which autocast serves); the others keep their
+    #: precision in the ``precision`` option and refuse an ambient autocast
+    runs_under_autocast: bool = False
+
+    @contextlib.contextmanager
+    def _entered(self, x: Any, y: Any) -> Iterator[tuple[Any, Any]]:
+        """The public calls' common entry: the learner runs the same under the global torch
+        state a caller may hold around it.
+
+        - ``torch.inference_mode()``: the call runs outside it (on copies of ``x`` and ``y``
+          when they are inference tensors), so buffers the learner keeps for the next batch
+          are ordinary tensors and a later call outside inference mode can write them;
+        - ``torch.no_grad()``: each learner enables autograd where it needs it;
+        - ``torch.autocast`` on the net's device: ``ValueError`` for a learner that sets its
+          precision itself (``precision='bf16'``), since ops under it would mix dtypes.
+        """
+        p = self._first_param
+        device = "cpu" if p is None else p.device.type
+        if not self.runs_under_autocast and device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            raise ValueError(f"learner {self.name!r} ran inside torch.autocast({device!r}); its precision is an "
+                             "option: make it with precision='bf16' (YAML train.precision: bf16) and call it "
+                             "outside autocast")
+        if not torch.is_inference_mode_enabled():
+            yield x, y
+            return
+        with torch.inference_mode(False):
+            yield _ordinary(x), _ordinary(y)
+
+    def _observe(self, x: torch.Tensor | None, y: torch.Tensor, eq: Equilibrium, applied: bool) -> None:
+        """The initializer learns from a step only when the step's weight update reached the net
+        (``applied``, the verdict of :meth:`_apply_update`) and its converged states are finite:
+        a refused step (an overflowing batch) must not leave non-finite states in its memory."""
+        if self.init.observes and applied and _all_finite(list(eq.states)):
+            self.init.observe(x, y, eq.states)
 
     def smm(self, iters: int) -> int | None:
         """Sequential matrix multiplications (SMM, PAPERS.md §0 and §3) of one training step
@@ -264,8 +322,9 @@ class Learner(abc.ABC):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor batch (B, ...), got {type(x).__name__}")
         p = self._first_param
-        if x.dim() < 1 or x.shape[0] == 0:
-            raise ValueError(f"x must be a non-empty batch (B >= 1, shape (B, ...)), got shape {tuple(x.shape)}")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError("x must be a non-empty batch (B, ...) with B >= 1 and at least one feature dimension "
+                             f"(one example: x[None]), got shape {tuple(x.shape)}")
         if p is not None and (x.dtype != p.dtype or x.device != p.device):
             raise TypeError(f"x must have the net's dtype and device ({p.dtype}, {p.device}), got ({x.dtype}, {x.device})")
         if not x.is_floating_point():

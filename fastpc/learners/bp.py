@@ -13,7 +13,10 @@ from .registry import register_learner
 @register_learner("bp")
 class BP(Learner):
     """Exact backprop of the batch-mean loss. ``infer`` returns the FF state (where the PC
-    energy equals the output cost). ``precision``: see :mod:`fastpc.precision`."""
+    energy equals the output cost). ``precision``: see :mod:`fastpc.precision`; an ambient
+    ``torch.autocast`` serves bp's autograd forward and backward as it serves any module's."""
+
+    runs_under_autocast = True
 
     def __init__(self, net, loss="ce", optimizer=None, init="forward", init_options=None, precision="fp32"):
         super().__init__(net, loss=loss, optimizer=optimizer, init=init, init_options=init_options,
@@ -45,14 +48,14 @@ class BP(Learner):
             (cost / y.shape[0]).backward()
         return out.detach(), cost.detach()
 
-    def grads(self, x, y):
+    def _grads(self, x, y):
         self.net.zero_grad(set_to_none=True)
         self._backward(x, y)
         named = {n: p.grad.detach().clone() for n, p in self.net.named_parameters() if p.grad is not None}
         self.net.zero_grad(set_to_none=True)
         return named
 
-    def step(self, x, y):
+    def _step(self, x, y):
         self._check_optimizer()
         self.optimizer.zero_grad(set_to_none=True)
         out, cost = self._backward(x, y)

@@ -370,7 +370,7 @@ class PCLearner(ChainLearner):
         return StepCore(out, E.output_cost(out, target, self.loss), problem.states(), problem.output, parts,
                         grads, list(chain.calls))
 
-    def step(self, x, y):
+    def _step(self, x, y):
         if self.optimizer is not None and x is not None and self.uses_compiled_step:
             self._check_input(x)
             y = self._check_target(y, self._out_like(x), index_range=True)  # compiled: no scatter check
@@ -380,7 +380,7 @@ class PCLearner(ChainLearner):
                 self._compiled_batch = x.shape[0]
             if x.shape[0] == self._compiled_batch:
                 return self._compiled_step(x, y)
-        return super().step(x, y)
+        return super()._step(x, y)
 
     def _out_like(self, x: torch.Tensor) -> torch.Tensor:
         """An empty tensor of the output's shape for ``x`` (one FF pass per new input shape)."""
@@ -407,7 +407,7 @@ class PCLearner(ChainLearner):
             with torch.no_grad():
                 res = core(x, y)
         except Exception as e:  # noqa: BLE001 - decided below by re-running eagerly
-            result = super().step(x, y)  # raises if the input is at fault
+            result = super()._step(x, y)  # raises if the input is at fault
             why = str(e).strip().splitlines()[0] if str(e).strip() else ""
             self.compile_failed = f"{type(e).__name__}: {why}"[:300]
             warnings.warn(f"fastpc: compiling the {self.name} step failed ({self.compile_failed}); "
@@ -418,10 +418,10 @@ class PCLearner(ChainLearner):
         for p, g in zip(netops.params, res.grads):
             if g is not None:
                 p.grad = g
-        self._apply_update()
+        applied = self._apply_update()
         self._flops_of = (netops, res.calls, [x.shape] + [s.shape for s in res.states])
         eq = Equilibrium(states=res.states, output=res.output, energy=res.parts.sum(), iters=self.iters)
-        self.init.observe(x, y, eq.states)
+        self._observe(x, y, eq, applied)
         return self._step_result(res.cost, res.out, eq)
 
     def _grads_cover_optimizer(self, params, grads) -> bool:

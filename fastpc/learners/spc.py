@@ -215,21 +215,24 @@ class SPC(PCLearner):
             return sweeps(problem, self.iters, self.state_lr, trace, after_step, self.tol)
         return super()._infer_on(problem, trace, after_step)
 
-    def step(self, x, y):
+    def _step(self, x, y):
         if not self.incremental:
-            return super().step(x, y)
+            return super()._step(x, y)
         self._check_optimizer()
         ff_states, out, y = self._start(x, y)
         scale = self._weight_scale(y.shape[0])
 
+        refused = []  # inference steps whose weight update was refused
+
         def weight_step(problem: _SPCRelaxation, t: int) -> None:
             self.optimizer.zero_grad(set_to_none=True)
             problem.weight_grads(scale)
-            self._apply_update()
+            if not self._apply_update():
+                refused.append(t)
             problem.weights_changed()
 
         eq = self._run_relax(x, y, ff_states, out, False, weight_step)
-        self.init.observe(x, y, eq.states)
+        self._observe(x, y, eq, not refused)
         out = out if x is not None else eq.output
         cost = self._output_cost(out, y)
         self._chain = self._last = None
