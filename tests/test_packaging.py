@@ -1,7 +1,8 @@
 """A non-editable install ships everything a command needs (issue 10 item 6).
 
-Builds a wheel from the source tree, installs it into a fresh venv (system site-packages give
-torch etc.; ``--no-deps --no-index``, so no network) and, from a folder outside the repository,
+Builds a wheel from the source tree, installs it into a fresh venv that sees the packages of the
+interpreter running the tests (torch etc.; ``--no-deps --no-index``, so no network) and, from a
+folder outside the repository,
 checks that the installed fastpc is the wheel's, that it has the source tree's presets and the
 PCX worker, and that ``fastpc train`` finds the presets by name.
 """
@@ -11,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -47,6 +50,19 @@ def _run(cmd, cwd, env, check=True):
     return res
 
 
+def _running_site_dirs() -> list[str]:
+    """The site-packages folders of the interpreter running the tests, in its order.
+
+    In a venv, ``--system-site-packages`` would give the base interpreter's folders instead, which
+    need not hold torch; a conda-like env or the system interpreter has its own folders here too.
+    """
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    dirs += [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
 def _source_files() -> set[str]:
     """Files of the package in the source tree (what an editable install sees)."""
     pkg = ROOT / "fastpc"
@@ -75,8 +91,12 @@ def installed(tmp_path_factory):
     (wheel,) = wheels.glob("fastpc-*.whl")
 
     env_dir = tmp / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
     py = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    # The running interpreter's folders after the venv's own (a .pth line appends to sys.path), so
+    # the wheel's fastpc comes first; their own .pth files (an editable fastpc) are not processed.
+    nested_site = _run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp, env)
+    Path(nested_site.stdout.strip(), "fastpc-test-parent.pth").write_text("\n".join(_running_site_dirs()) + "\n")
     _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "--no-index", "--force-reinstall",
           "-q", wheel], tmp, env)
 
