@@ -184,7 +184,7 @@ class LearnerConfig:
     estimator: str | None = None
     """ep only: centered, positive, negative, random or clamp (null: centered)."""
     equilibration: str | None = None
-    """ep only: mod_pgd, pgd or gd (null: mod_pgd where every block ends in ReLU or Identity, else gd)."""
+    """ep only: mod_pgd, pgd, gd or fixed_point (null: mod_pgd where every block ends in ReLU or Identity, else gd)."""
     compile: bool | Literal["auto"] = "auto"
     """spc/epc on an MLP with init forward: run each training step (FF pass, inference, local
     update) as one torch.compile graph, for batches of the training batch size. Same maths as

@@ -286,3 +286,44 @@ def test_ep_presets_train_on_tiny_data(tmp_path):
         sets = {**tiny, "data.root": str(folder), "data.image_size": 32, "data.eval_batch_size": 8,
                 "train.progress": False, "train.out": str(tmp_path / preset)}
         assert main(["train", preset, "--set", *[f"{k}={v}" for k, v in sets.items()]]) == 0
+
+
+def _relu_case(seed):
+    torch.manual_seed(seed)
+    net = fpc.mlp([10, 12, 12, 4], act="relu").to(torch.float64)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(16, 10, generator=g, dtype=torch.float64)
+    return net, x, torch.randint(0, 4, (16,), generator=g)
+
+
+def test_fixed_point_is_stationary_for_F():
+    """fixed_point's fixed point has ∂F/∂h = 0 in every layer and both phases."""
+    from fastpc import energy as En
+    net, x, y = _relu_case(11)
+    beta = 0.04
+    eq = fpc.make_learner("ep", net, loss="ce", beta=beta, equilibration="fixed_point", iters=60).infer(x, y)
+    tol = 100 * torch.finfo(torch.float64).eps
+    for name, w in (("+beta", beta), ("-beta", -beta)):
+        p = eq.phases[name]
+        hs = [s.clone().requires_grad_(True) for s in [*p.states, p.output]]
+        with torch.enable_grad():
+            preds, yhat = En.predictions(net.blocks, x, hs[:-1])
+            errs = En.errors(hs[:-1], preds) + [hs[-1] - yhat]
+            F = En.energy(errs, hs[-1], y, "ce", weight=w)
+            grads = torch.autograd.grad(F, hs)
+        assert max(float(gr.abs().max()) for gr in grads) < tol
+
+
+@pytest.mark.parametrize("seed", [2, 11])
+def test_fixed_point_centered_bias_is_second_order_on_relu(seed):
+    """Where no ReLU kink is crossed between the phases, the centered error falls 4x per halving of β."""
+    net, x, y = _relu_case(seed)
+    ref = fpc.make_learner("bp", net, loss="ce").grads(x, y)
+
+    def rel(g):
+        num = sum((g[n] - ref[n]).pow(2).sum() for n in ref)
+        return float(num.sqrt() / sum(v.pow(2).sum() for v in ref.values()).sqrt())
+    errs = [rel(fpc.make_learner("ep", net, loss="ce", beta=b, equilibration="fixed_point", iters=60).grads(x, y))
+            for b in (0.04, 0.02, 0.01, 0.005)]
+    for a, b in zip(errs, errs[1:]):
+        assert 3 < a / b < 5, errs

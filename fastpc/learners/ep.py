@@ -23,7 +23,18 @@ Equilibration from the FF state, ``iters`` = K iterations, each a sweep over the
   (σ_k(a_k) = f_k(h_{k-1}); conv → max-pool → σ blocks have a_k = pool(conv(h_{k-1}))), with
   Δ_k = J_{k+1}ᵀ ε_{k+1} (one vector-Jacobian product) and Δ_L = −w·∂C/∂h_L;
 - ``pgd``: h_k ← σ_k(f_k(h_{k-1}) + Δ_k), projected gradient steps of size 1 on F;
-- ``gd``: h_k ← h_k − state_lr·∂F/∂h_k = h_k − state_lr·(ε_k − Δ_k) (any block).
+- ``gd``: h_k ← h_k − state_lr·∂F/∂h_k = h_k − state_lr·(ε_k − Δ_k) (any block);
+- ``fixed_point``: h_k ← f_k(h_{k-1}) + Δ_k (any block), a gradient step of size 1 on F per layer;
+  its fixed point is F's stationary point (ε_k = Δ_k for every layer, the states are free).
+
+mod_pgd's fixed point is not F's stationary point: on a unit with a_k < 0 it keeps
+h_k = σ(a_k + Δ_k) where F asks for h_k = Δ_k. For a nudge small enough that no a_k + Δ_k changes
+sign it is the stationary point of F with those units held at their FF value 0, which is still an
+exact EP (bias O(β²)); a unit whose a_k + Δ_k crosses zero breaks that. For every equilibration the
+O(β²) bias of ``centered`` needs F smooth over the states the ±β phases reach: a ReLU or max-pool
+kink crossed between the phases (a pre-activation within reach of zero) leaves an error that does
+not shrink until β falls below that crossing. pgd's constraint h ≥ 0 is weakly active at the FF
+state, so its ±β phases free different units and its centered bias is O(β).
 
 mod_pgd and pgd need σ to be the Euclidean projection onto its range (σ∘σ = σ): ReLU (onto
 [0, ∞)) or Identity; every hidden block must end in one (a pre-activation split,
@@ -54,7 +65,7 @@ from .registry import register_learner
 __all__ = ["EP", "EQUILIBRATIONS", "ESTIMATORS", "PROJECTIONS"]
 
 ESTIMATORS = ("centered", "positive", "negative", "random", "clamp")
-EQUILIBRATIONS = ("mod_pgd", "pgd", "gd")
+EQUILIBRATIONS = ("fixed_point", "mod_pgd", "pgd", "gd")
 PROJECTIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.Identity)
 """Activations mod_pgd / pgd accept: Euclidean projections onto their range (σ∘σ = σ)."""
 
@@ -124,7 +135,7 @@ class EP(ChainLearner):
         why = closed_form_unsupported(net.blocks)
         if equilibration is None:
             equilibration = "mod_pgd" if why is None else "gd"
-        check_option(equilibration == "gd" or why is None,
+        check_option(equilibration in ("gd", "fixed_point") or why is None,
                      f"ep with equilibration {equilibration!r}: {why}; equilibration 'gd' runs on any block")
         self.iters, self.beta, self.estimator, self.equilibration = int(iters), float(beta), estimator, equilibration
         self.state_lr = float(state_lr)
@@ -218,6 +229,8 @@ class EP(ChainLearner):
         def update(k: int) -> torch.Tensor:
             if self.equilibration == "gd":
                 return h[k - 1] - self.state_lr * (error(k) - delta(k))
+            if self.equilibration == "fixed_point":
+                return tape(k).out + delta(k)
             t, act = tape(k), ops[k - 1].act
             base = ops[k - 1].preact(t) if self.equilibration == "mod_pgd" else t.out
             return act(base + delta(k))
