@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,7 @@ def test_depth_quick_writes_results(tmp_path):
     depth.add_arguments(parser)
     args = parser.parse_args(["--quick", "--out", str(tmp_path)])
     args.argv = ["--quick", "--out", str(tmp_path)]
-    t0 = time.time()
-    assert depth.run(args) == 0
-    assert time.time() - t0 < 120
+    assert depth.run(args) == 0  # no wall-time assertion: timings belong in benchmarks (issue 22)
     res = json.loads((tmp_path / "depth.json").read_text())
     assert res["command"].startswith("fastpc bench depth --quick")
     assert {c["variant"] for c in res["cells"]} == set(depth.DEFAULT_VARIANTS)
