@@ -296,6 +296,19 @@ def _relu_case(seed):
     return net, x, torch.randint(0, 4, (16,), generator=g)
 
 
+def _assert_second_order(net, x, y):
+    """fixed_point's centered error against bp falls 3-5x per halving of β."""
+    ref = fpc.make_learner("bp", net, loss="ce").grads(x, y)
+
+    def rel(g):
+        num = sum((g[n] - ref[n]).pow(2).sum() for n in ref)
+        return float(num.sqrt() / sum(v.pow(2).sum() for v in ref.values()).sqrt())
+    errs = [rel(fpc.make_learner("ep", net, loss="ce", beta=b, equilibration="fixed_point", iters=60).grads(x, y))
+            for b in (0.04, 0.02, 0.01, 0.005)]
+    for a, b in zip(errs, errs[1:]):
+        assert 3 < a / b < 5, errs
+
+
 def test_fixed_point_is_stationary_for_F():
     """fixed_point's fixed point has ∂F/∂h = 0 in every layer and both phases."""
     from fastpc import energy as En
@@ -318,12 +331,15 @@ def test_fixed_point_is_stationary_for_F():
 def test_fixed_point_centered_bias_is_second_order_on_relu(seed):
     """Where no ReLU kink is crossed between the phases, the centered error falls 4x per halving of β."""
     net, x, y = _relu_case(seed)
-    ref = fpc.make_learner("bp", net, loss="ce").grads(x, y)
+    _assert_second_order(net, x, y)
 
-    def rel(g):
-        num = sum((g[n] - ref[n]).pow(2).sum() for n in ref)
-        return float(num.sqrt() / sum(v.pow(2).sum() for v in ref.values()).sqrt())
-    errs = [rel(fpc.make_learner("ep", net, loss="ce", beta=b, equilibration="fixed_point", iters=60).grads(x, y))
-            for b in (0.04, 0.02, 0.01, 0.005)]
-    for a, b in zip(errs, errs[1:]):
-        assert 3 < a / b < 5, errs
+
+def test_fixed_point_centered_bias_is_second_order_on_maxpool_conv():
+    """conv → max-pool → ReLU then a dense head: the centered error falls 4x per halving of β."""
+    from torch import nn
+    torch.manual_seed(1)
+    net = fpc.PCNet([nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()),
+                     nn.Sequential(nn.Flatten(), nn.Linear(64, 3))]).to(torch.float64)
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    _assert_second_order(net, x, y)
