@@ -24,11 +24,9 @@ transposed, (W sᵀ + b)ᵀ, and hands out that transposed view.
 
 Batch norm: a block in train mode updates its running statistics on every forward; callers
 wrap inference and the local weight update in :func:`fastpc.nets.frozen_batchnorm_stats`.
-The pre-activation split (EP's mod-PGD): :func:`preactivation_split` returns (the block without
-its final activation, the activation) for a ``Sequential`` ending in one of :data:`ACTIVATIONS`
-and raises ``ValueError`` otherwise; the ops of a block without it (a head ending in Linear, a
-``BasicBlock``) take the identity as ``act``. The tensors of a :class:`Tape` are read-only (the
-fallback's autograd graph saves them).
+The pre-activation split (EP's mod-PGD) is :func:`preactivation_split` (:mod:`fastpc.block_split`);
+the ops of a block without one (a head ending in Linear, a ``BasicBlock``) take the identity as
+``act``. The tensors of a :class:`Tape` are read-only (the fallback's autograd graph saves them).
 """
 
 from __future__ import annotations
@@ -43,31 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block_split import ACTIVATIONS, preactivation_split
+
 __all__ = ["ACTIVATIONS", "Tape", "BlockFlops", "BlockOps", "AnalyticOps", "AutogradOps",
            "block_ops", "preactivation_split"]
 
 _aten = torch.ops.aten
 Scale = float | torch.Tensor
-
-ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU,
-                                            nn.Identity)
-"""The final activations :func:`preactivation_split` accepts (exact types)."""
-
-
-def preactivation_split(block: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(pre, act) with ``act(pre(s)) == block(s)``: the block without its final activation and
-    that activation. ``pre`` shares the block's modules (``block[:-1]``); a bare activation
-    module splits as (Identity, block). ``ValueError`` for any other block."""
-    if type(block) in ACTIVATIONS:
-        return nn.Identity(), block
-    if type(block) is nn.Sequential and len(block) > 0 and type(block[-1]) in ACTIVATIONS:
-        return block[:-1], block[-1]
-    names = ", ".join(t.__name__ for t in ACTIVATIONS)
-    raise ValueError(
-        f"{type(block).__name__} block has no pre-activation split; expected a Sequential "
-        f"ending in one of {names} (or one such module alone)"
-    )
-
 
 @dataclass(frozen=True, slots=True)
 class Tape:
