@@ -165,18 +165,6 @@ def test_linear_equilibrium_reached_and_epc_10x_fewer_iterations(capsys):
     assert n_spc >= 10 * n_epc, (n_spc, n_epc)
 
 
-@pytest.mark.slow
-def test_linear_equilibrium_gaussian_init_report(capsys):
-    """Reported, not asserted: with Gaussian N(0, 1/fan_in) init the gap is smaller."""
-    net, x, y = _linear_problem(depth=12, init="gaussian")
-    s_star, H_s = closed_form_equilibrium(net, x, y)
-    H_e = _error_hessian(net, H_s, x)
-    n_spc, _ = _best_count("spc", net, x, y, s_star, H_s, max_iters=20000)
-    n_epc, _ = _best_count("epc", net, x, y, s_star, H_e, max_iters=20000)
-    with capsys.disabled():
-        print(f"\n[linear depth 12, gaussian] spc {n_spc}, epc {n_epc}, ratio {n_spc / n_epc:.1f}")
-
-
 # ---------------------------------------------------------------- 3. epc = spc at equilibrium
 def test_converged_epc_and_spc_give_the_same_weight_gradients():
     net = _tanh_net(widths=(6, 8, 8, 8, 3))
