@@ -25,6 +25,7 @@ SUITES: dict[str, str] = {
     "ddp": "fastpc.bench.ddp",
     "imagenet-step": "fastpc.bench.imagenet_step",
     "precision": "fastpc.bench.precision",
+    "gpu": "fastpc.bench.gpu",
 }
 
 
