@@ -32,7 +32,7 @@ def test_dry_run_writes_every_part(tmp_path):
         assert f"| {name} |" in md
     checks = res["parts"]["checks"]["rows"]
     assert {r["learner"] for r in checks} >= {"bp", "spc", "epc", "ep"}
-    assert {r["dtype"] for r in checks} == {"float32", "bf16"}
+    assert {r["dtype"] for r in checks} == {"float32", "float64", "bf16"}
     for r in checks:
         assert math.isfinite(r["error"]) and 0 <= r["error"] <= r["tol"], r
     speed = res["parts"]["speed"]["rows"]

@@ -5,7 +5,7 @@ caps sum to 420 and are also cut to what is left of ``--budget-s``, default 480,
 for one compile or step that runs past its part's cap):
 
 1. ``checks`` (cap 45): every registered learner's gradients and one SGD step on the device in
-   float32 and in bf16 against the same learner on the CPU in float64 (``gpu_checks``), one
+   float32, float64 and bf16 against the same learner on the CPU in float64 (``gpu_checks``), one
    pass/fail row each.
 2. ``speed`` (cap 200): step times of bp / spc / epc / ep on MLPs 4×128 and 20×128 (batch 128),
    VGG-5 and ResNet-18 at CIFAR size: eager, a CUDA-graphed plain bp step, compiled
@@ -95,39 +95,73 @@ def _part_imagenet(ctx: dict[str, Any], deadline: float) -> dict[str, Any]:
             "note": f"{sum(r['status'] == 'ok' for r in rows)}/{len(rows)} presets timed"}
 
 
+# one all_reduce over torchrun's processes: the backend itself, also where fastpc train has a
+# single process (WORLD_SIZE 1: it then joins no group)
+_PROBE = """import os, torch, torch.distributed as dist
+cuda = os.environ["FASTPC_PROBE_BACKEND"] == "nccl"
+if cuda:
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+dist.init_process_group(os.environ["FASTPC_PROBE_BACKEND"])
+t = torch.ones(4, device="cuda" if cuda else "cpu")
+dist.all_reduce(t)
+assert t.tolist() == [float(dist.get_world_size())] * 4, t
+dist.destroy_process_group()
+"""
+
+
+def _torchrun(n: int, tail: list[str], deadline: float, env: dict[str, str]) -> tuple[int | None, str, float]:
+    """``python -m torch.distributed.run --nproc_per_node n --standalone`` + ``tail`` until
+    ``deadline`` -> (exit status, None when killed at the deadline; stderr's end; seconds)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--standalone", *tail]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        _, err = proc.communicate(timeout=max(5.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:  # the launcher and its workers: their own process group
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        return None, err[-1500:], time.perf_counter() - t0
+    return proc.returncode, err[-1500:], time.perf_counter() - t0
+
+
 def _part_torchrun(ctx: dict[str, Any], deadline: float) -> dict[str, Any]:
     from .imagenet_step import make_image_folder
 
     cuda = ctx["device"].type == "cuda"
     n = max(1, torch.cuda.device_count()) if cuda else 2
+    backend = "nccl" if cuda else "gloo"
+    env = {**_child_env(), "FASTPC_PROBE_BACKEND": backend}
     with tempfile.TemporaryDirectory(prefix="fastpc-gpu-torchrun-") as tmp:
+        probe = Path(tmp) / "probe.py"
+        probe.write_text(_PROBE)
+        prc, perr, _ = _torchrun(n, [str(probe)], deadline, env)
         root = make_image_folder(Path(tmp) / "data", classes=8, eval_images=8)
         sets = ["learner.name=bp", f"data.root={root}", "data.image_size=32", "data.batch_size=4",
                 "data.eval_batch_size=4", "data.workers=0", "data.stream=false", "data.augment=false",
                 "model.width_mult=0.0625", "train.epochs=1", "train.progress=false", "train.threads=1",
                 f"train.device={'cuda' if cuda else 'cpu'}", f"train.out={Path(tmp) / 'run'}"]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--standalone",
-               "-m", "fastpc", "train", "imagenet-vgg10-ep-bp", "--set", *sets]
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            _, err = proc.communicate(timeout=max(5.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:  # the launcher and its workers: their own process group
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return {"status": "fail", "note": "killed at the part's cap", "processes": n}
-        wall = time.perf_counter() - t0
-        out = {"processes": n, "backend": "nccl" if cuda else "gloo", "wall_s": wall,
-               "returncode": proc.returncode, "stderr_tail": err[-1500:]}
+        rc, err, wall = _torchrun(n, ["-m", "fastpc", "train", "imagenet-vgg10-ep-bp", "--set", *sets], deadline, env)
+        out = {"processes": n, "backend": backend, "wall_s": wall, "returncode": rc, "stderr_tail": err,
+               "all_reduce_returncode": prc, "all_reduce_stderr_tail": "" if prc == 0 else perr}
         summary = Path(tmp) / "run" / "summary.json"
-        if proc.returncode == 0 and summary.exists():
+        probe_note = f"all_reduce {'ok' if prc == 0 else 'failed' if prc is not None else 'killed at the cap'}"
+        if rc == 0 and summary.exists() and prc == 0:
             s = json.loads(summary.read_text())
-            out.update(status="ok", note=f"{n} process(es), {out['backend']}, test acc {s.get('test_acc')}",
+            out.update(status="ok", note=f"{n} process(es), {backend}, {probe_note}, test acc {s.get('test_acc')}",
                        summary={k: s.get(k) for k in ("test_acc", "epoch_seconds", "device")})
         else:
-            out.update(status="fail", note=f"torchrun exited {proc.returncode}")
+            train = "killed at the part's cap" if rc is None else f"train exited {rc}"
+            out.update(status="fail", note=f"{train}, {probe_note}")
     return out
+
+
+def _child_env() -> dict[str, str]:
+    """This environment with the folder holding this fastpc first on PYTHONPATH (the workers
+    import the same package where fastpc is not installed)."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 _RUNNERS = {"checks": _part_checks, "speed": _part_speed, "imagenet": _part_imagenet, "torchrun": _part_torchrun}

@@ -1,15 +1,15 @@
 """The correctness part of ``fastpc bench gpu``: every registered learner's gradients and one
 optimizer step on the device against the same learner on the CPU in float64.
 
-Each learner runs on a copy of one net in float64 on the CPU (the reference) and in float32 on
-the device, and again with ``precision='bf16'`` on the device; the compared quantities are the
+Each learner runs on a copy of one net in float64 on the CPU (the reference) and in float32 and
+float64 on the device, and again with ``precision='bf16'`` on the device; the compared quantities are the
 weight gradients of ``learner.grads`` and the weights after one ``learner.step`` under plain SGD
 (the update is the gradient times the rate, so the step is compared through the change of the
 weights). The error is max |a − ref| / max |ref| over every tensor of a quantity.
 
-Tolerances: in float32 a dot product or sum of n terms carries a relative error of at most
-about n·u (u = eps/2); the quantities here go through every layer's products and through T
-inference steps, so the float32 bound is ``(T + 1) · Σ fan-in · eps``. EP's gradient is the
+Tolerances: a dot product or sum of n terms carries a relative error of at most about n·u
+(u = eps/2 of its dtype); the quantities here go through every layer's products and through T
+inference steps, so the bound of a dtype is ``(T + 1) · Σ fan-in · eps(dtype)``. EP's gradient is the
 difference of two nudged equilibria divided by 2β: that cancellation scales the rounding by
 1/β, and so does its bound. bf16 rounds every
 product's inputs to 8 significant bits: its bound is a fixed 16·eps(bf16) = 0.125 of the
@@ -26,14 +26,14 @@ import torch
 
 import fastpc as fpc
 
-__all__ = ["check_rows", "float32_tol", "BF16_TOL", "rel_error"]
+__all__ = ["check_rows", "dtype_tol", "BF16_TOL", "rel_error"]
 
 BF16_TOL = 16 * torch.finfo(torch.bfloat16).eps  # 0.125
 
 
-def float32_tol(widths: list[int], iters: int, beta: float | None = None) -> float:
-    """The float32 bound ``(iters + 1) · Σ fan-in · eps(float32)``, over ``beta`` for EP."""
-    return (iters + 1) * sum(widths[:-1]) * torch.finfo(torch.float32).eps / (beta or 1.0)
+def dtype_tol(widths: list[int], iters: int, dtype: torch.dtype, beta: float | None = None) -> float:
+    """The bound ``(iters + 1) · Σ fan-in · eps(dtype)``, over ``beta`` for EP."""
+    return (iters + 1) * sum(widths[:-1]) * torch.finfo(dtype).eps / (beta or 1.0)
 
 
 def rel_error(a: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
@@ -76,12 +76,14 @@ def check_rows(device: torch.device, widths: list[int], batch: int, iters: int, 
         for name in fpc.list_learners():
             ref = _measure(name, copy.deepcopy(base), x, y, iters)
             ref["grads"] = {k: v * (1 + perturb) for k, v in ref["grads"].items()}
-            xd, yd = x.float().to(device), y.to(device)
             beta = fpc.learner_options(name).get("beta") if name == "ep" else None
-            cases = [("float32", "fp32", float32_tol(widths, 0 if name == "bp" else iters, beta)),
-                     ("bf16", "bf16", BF16_TOL)]
-            for label, precision, tol in cases:
-                net = copy.deepcopy(base).float().to(device)
+            t = 0 if name == "bp" else iters
+            cases = [("float32", torch.float32, "fp32", dtype_tol(widths, t, torch.float32, beta)),
+                     ("float64", torch.float64, "fp32", dtype_tol(widths, t, torch.float64, beta)),
+                     ("bf16", torch.float32, "bf16", BF16_TOL)]
+            for label, dtype, precision, tol in cases:
+                net = copy.deepcopy(base).to(device=device, dtype=dtype)
+                xd, yd = x.to(device=device, dtype=dtype), y.to(device)
                 try:
                     got = _measure(name, net, xd, yd, iters, precision)
                 except Exception as e:  # recorded; the other learners still run

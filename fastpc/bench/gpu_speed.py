@@ -90,20 +90,23 @@ def _graphed_bp(net: fpc.PCNet, x: torch.Tensor, y: torch.Tensor) -> Callable[[]
     return graph.replay
 
 
-def _cases(names: list[str], compiled: bool) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(label, learner, mode, options): the eager cases and the CUDA graph, or the compiled ones."""
-    if compiled:
-        return [(f"{n} (compiled)", n, "compiled", {**PC, "compile": True}) for n in names
+def _cases(names: list[str], mode: str) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(label, learner, mode, options) of ``mode``: the eager cases, the CUDA graph or the compiled ones."""
+    if mode == "compiled":
+        return [(f"{n} (compiled)", n, mode, {**PC, "compile": True}) for n in names
                 if "compile" in fpc.learner_options(n)]
-    return [(n, n, "eager", {} if n == "bp" else PC) for n in names] + [("bp (cuda graph)", "bp", "cuda graph", {})]
+    if mode == "cuda graph":
+        return [("bp (cuda graph)", "bp", mode, {})]
+    return [(n, n, mode, {} if n == "bp" else PC) for n in names]
 
 
 def speed_rows(rows: list[dict[str, Any]], device: torch.device, dry: bool, deadline: float, batch: int,
                warmup: int, timed: int, compile_reserve_s: float, log: Callable[[str], None]) -> None:
     """Append to ``rows`` one row per net and case: step time, ratio to bp on the same net,
     first-step seconds (the compile time of a compiled case) and status (ok, skipped: REASON,
-    error: ...). Every net's eager cases and CUDA graph run first, then the compiled cases
-    (the slowest to start), so the cap cuts the compiled rows first. A dry run compiles one
+    error: ...). Every net's eager cases run first, then the CUDA graphs (a failed capture
+    cannot spoil an eager row), then the compiled cases (the slowest to start), so the cap cuts
+    the compiled rows first. A dry run compiles one
     case (epc on the first net)."""
     nets: dict[str, tuple[fpc.PCNet, torch.Tensor, torch.Tensor]] = {}
     for net_name, build in NETS(dry).items():
@@ -112,9 +115,10 @@ def speed_rows(rows: list[dict[str, Any]], device: torch.device, dry: bool, dead
         nets[net_name] = (net.to(device), torch.randn(batch, *shape, device=device),
                           torch.randint(0, 10, (batch,), device=device))
     bp_s: dict[str, float] = {}
-    for compiled in (False, True):
+    for phase in ("eager", "cuda graph", "compiled"):
+        compiled = phase == "compiled"
         for i, (net_name, (net, x, y)) in enumerate(nets.items()):
-            for label, name, mode, opts in _cases(fpc.list_learners(), compiled):
+            for label, name, mode, opts in _cases(fpc.list_learners(), phase):
                 row: dict[str, Any] = {"net": net_name, "case": label, "learner": name, "mode": mode, "batch": batch}
                 rows.append(row)
                 left = deadline - time.monotonic()
@@ -148,6 +152,8 @@ def _time_case(row: dict[str, Any], net: fpc.PCNet, x: torch.Tensor, y: torch.Te
         return
     if case is not None and getattr(case.learner, "compile_failed", None):
         row["note"] = f"compile failed, timed eager: {case.learner.compile_failed}"
+    elif case is not None and row["mode"] == "compiled" and not case.learner.uses_compiled_step:
+        row["note"] = "the compiled step does not apply to this net: timed eager"
     row.update(status="ok", step_ms=med * 1e3, first_step_s=first, ratio_to_bp=None if bp_s is None else med / bp_s)
     log(f"  {row['net']} {row['case']}: {med * 1e3:.2f} ms/step (first step {first:.1f} s)")
 
